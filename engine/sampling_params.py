@@ -85,6 +85,8 @@ class SamplingParams:
                 raise bad(name, f"None or an integer in [0, {MAX_LOGPROBS}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if self.stop and not self.detokenize:
+            raise ValueError("SamplingParams.stop (stop strings) needs detokenize=True")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative token ids")
         if self.logit_bias is not None:

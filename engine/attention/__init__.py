@@ -1,0 +1,32 @@
+"""Attention backends behind one interface: write the new K/V into their cache slots, then
+attend each query over its request's cached context through the block table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """One step's flattened varlen batch, shared by every layer."""
+
+    num_tokens: int
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step
+    block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    query_lens_cpu: list[int]  # host copies, so no backend needs a device sync
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+    backend_state: object = None  # whatever the backend precomputes once per step
+
+
+def get_attention_backend(name: str, num_heads: int, num_kv_heads: int):
+    if name == "torch":
+        from engine.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend(num_heads, num_kv_heads)
+    raise ValueError(f"unknown attention backend {name!r}; available: 'torch'")

@@ -1,0 +1,318 @@
+"""The engine loop for callers that drive it: add_request / step / abort."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCacheManager
+from engine.model_runner import ModelRunner, ModelRunnerOutput
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.request import FINISH_REASONS, Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+@dataclass(slots=True)
+class _UserRequest:
+    """A user request and its n sequences (n > 1 shares the prompt's cached blocks)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+
+
+@dataclass(slots=True)
+class KVCacheStats:
+    num_blocks: int
+    num_used_blocks: int
+    allocated_slots: int  # slots in blocks held by running requests
+    filled_slots: int  # of those, slots holding a token's KV
+
+    @property
+    def waste(self) -> float:
+        return 1.0 - self.filled_slots / self.allocated_slots if self.allocated_slots else 0.0
+
+
+def load_eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen_config = Path(model_dir) / "generation_config.json"
+    if gen_config.exists():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    elif (Path(model_dir) / "config.json").exists():
+        eos = json.loads((Path(model_dir) / "config.json").read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from engine.loader.resolve import resolve_model
+
+        self.config = config
+        start = time.perf_counter()
+        model_dir = resolve_model(config.model)
+        self.model_dir = model_dir
+        self.hf_config = AutoConfig.from_pretrained(model_dir)
+        self.tokenizer = (
+            None if config.skip_tokenizer_init
+            else AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        )
+        self.max_model_len = self._resolve_max_model_len()
+        self.eos_token_ids = load_eos_token_ids(model_dir, self.tokenizer)
+        torch.manual_seed(config.seed)
+
+        self.model_runner = ModelRunner(config, self.hf_config, model_dir, self.max_model_len)
+        num_blocks = self.model_runner.determine_num_blocks(config.max_num_seqs)
+        capacity = num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len={self.max_model_len} does not fit in the KV cache "
+                    f"({num_blocks} blocks x {config.block_size} = {capacity} tokens); "
+                    "give the cache more memory or lower max_model_len"
+                )
+            logger.warning("max_model_len lowered from %d to the KV cache's %d tokens",
+                           self.max_model_len, capacity)
+            self.max_model_len = capacity
+        self.model_runner.allocate_kv_cache(num_blocks)
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
+                                               config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len)
+        self._requests: dict[str, Request] = {}  # sequence id -> sequence
+        self._parents: dict[str, _UserRequest] = {}  # user request id -> its sequences
+        self._parent_of: dict[str, str] = {}
+        logger.info("Engine ready in %.1fs: %s on %s (%s), max_model_len=%d",
+                    time.perf_counter() - start, model_dir, self.model_runner.device,
+                    self.model_runner.dtype, self.max_model_len)
+
+    def _resolve_max_model_len(self) -> int:
+        model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        if self.config.max_model_len is None:
+            return model_max
+        if self.config.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len={self.config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={model_max}"
+            )
+        return self.config.max_model_len
+
+    # ---- requests -------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, list | tuple):
+            return None, list(prompt)
+        raise TypeError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt)}")
+
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self._validate_prompt(token_ids)
+        room = self.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        children = []
+        for i in range(params.n):
+            child_params = replace(params, all_stop_token_ids=stop_ids)
+            if params.seed is not None:
+                child_params.seed = params.seed + i
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            child = Request(child_id, token_ids, child_params, max_tokens, arrival_time)
+            if child_params.seed is not None:
+                child.generator = torch.Generator(self.model_runner.device)
+                child.generator.manual_seed(child_params.seed)
+            if child_params.detokenize and self.tokenizer is not None:
+                child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
+            children.append(child)
+        self._parents[request_id] = _UserRequest(request_id, text, token_ids, children)
+        for child in children:
+            self._requests[child.request_id] = child
+            self._parent_of[child.request_id] = request_id
+            self.scheduler.add_request(child)
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens; this model's context is "
+                f"{self.max_model_len} tokens, which must leave room for at least one output token"
+            )
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Abort user requests wherever they are; returns their final outputs."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outputs = []
+        for request_id in request_ids:
+            parent = self._parents.get(request_id)
+            if parent is None:
+                continue
+            self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ABORTED)
+            outputs.append(self._make_output(parent))
+            self._forget(parent)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- the loop -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            return []
+        result = self.model_runner.execute(so)
+        self.scheduler.update_after_step(so)
+        touched = self._process_outputs(result)
+        outputs = []
+        for parent_id in touched:
+            parent = self._parents[parent_id]
+            outputs.append(self._make_output(parent))
+            if all(c.is_finished for c in parent.children):
+                self._forget(parent)
+        return outputs
+
+    def _process_outputs(self, result: ModelRunnerOutput) -> dict[str, None]:
+        touched: dict[str, None] = {}  # ordered set of user request ids
+        for req_id, chunk in result.prompt_logprobs.items():
+            req = self._requests[req_id]
+            for j, lp in enumerate(chunk.token_logprobs):
+                index = chunk.first_index + j
+                if index < len(req.prompt_logprobs):
+                    continue  # recomputed after preemption: already recorded
+                entry = {req.prompt_token_ids[index]: Logprob(lp)}
+                for rank, (tid, tlp) in enumerate(zip(chunk.topk_token_ids[j],
+                                                      chunk.topk_logprobs[j]), start=1):
+                    entry.setdefault(tid, Logprob(tlp, rank))
+                req.prompt_logprobs.append(entry)
+        finished: list[tuple[Request, RequestStatus]] = []
+        for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
+            req = self._requests[req_id]
+            req.append_token(token_id)
+            if result.sampled_logprobs is not None:
+                self._record_logprobs(req, token_id, i, result)
+            status = self._check_stop(req, token_id)
+            if status is not None:
+                finished.append((req, status))
+            touched[self._parent_of[req_id]] = None
+        for req, status in finished:
+            self.scheduler.finish_requests([req], status)
+        return touched
+
+    def _record_logprobs(self, req: Request, token_id: int, i: int,
+                         result: ModelRunnerOutput) -> None:
+        lp = result.sampled_logprobs[i]
+        req.cumulative_logprob += lp
+        if req.logprobs is None:
+            return
+        entry = {}
+        for rank, (tid, tlp) in enumerate(zip(result.topk_token_ids[i],
+                                              result.topk_logprobs[i]), start=1):
+            if rank > req.sampling_params.logprobs:
+                break
+            entry[tid] = Logprob(tlp, rank)
+        entry.setdefault(token_id, Logprob(lp))
+        # The sampled token first, as vLLM orders them.
+        req.logprobs.append({token_id: entry.pop(token_id), **entry})
+
+    def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
+        params = req.sampling_params
+        status = None
+        stop_terminated = False
+        if token_id in params.all_stop_token_ids and req.num_output_tokens >= params.min_tokens:
+            status, stop_terminated = RequestStatus.FINISHED_STOPPED, True
+            req.stop_reason = token_id if token_id in params.stop_token_ids else None
+        if req.detokenizer is not None:
+            stop_str = req.detokenizer.update([token_id], stop_terminated)
+            if stop_str is not None and status is None:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        if status is None and req.num_output_tokens >= req.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        return status
+
+    def _make_output(self, parent: _UserRequest) -> RequestOutput:
+        completions = []
+        for index, req in enumerate(parent.children):
+            finished = req.is_finished
+            text = ""
+            if req.detokenizer is not None:
+                text = req.detokenizer.get_next_output_text(finished, delta=False)
+            completions.append(CompletionOutput(
+                index=index,
+                text=text,
+                token_ids=req.output_token_ids,
+                cumulative_logprob=(req.cumulative_logprob
+                                    if req.sampling_params.logprobs is not None else None),
+                logprobs=req.logprobs,
+                finish_reason=FINISH_REASONS.get(req.status),
+                stop_reason=req.stop_reason,
+            ))
+        first = parent.children[0]
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            prompt_logprobs=first.prompt_logprobs,
+            outputs=completions,
+            finished=all(c.is_finished for c in parent.children),
+            num_cached_tokens=first.num_cached_tokens,
+        )
+
+    def _forget(self, parent: _UserRequest) -> None:
+        del self._parents[parent.request_id]
+        for child in parent.children:
+            self._requests.pop(child.request_id, None)
+            self._parent_of.pop(child.request_id, None)
+
+    # ---- introspection --------------------------------------------------------------
+    def kv_cache_stats(self) -> KVCacheStats:
+        bs = self.config.block_size
+        allocated = filled = 0
+        for req in self.scheduler.running:
+            allocated += len(req.block_ids) * bs
+            filled += min(req.num_computed_tokens, len(req.block_ids) * bs)
+        kvm = self.kv_cache_manager
+        return KVCacheStats(kvm.block_pool.num_blocks,
+                            kvm.block_pool.num_blocks - kvm.num_free_blocks, allocated, filled)

@@ -1,0 +1,205 @@
+"""Runs one step: flattens every scheduled request's new tokens into one varlen batch,
+runs the model once, and samples a token for each request whose prompt is fully computed."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata, get_attention_backend
+from engine.config import EngineConfig
+from engine.loader.weights import init_dummy_weights, iterate_safetensors
+from engine.models import get_model_class
+from engine.models.llama import RotaryEmbedding
+from engine.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+
+
+@dataclass(slots=True)
+class PromptLogprobsChunk:
+    """Logprobs of prompt tokens first_index .. first_index + len - 1 (index 0 has none)."""
+
+    first_index: int
+    token_logprobs: list[float]
+    topk_token_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    req_ids: list[str] = field(default_factory=list)  # requests that sampled, batch order
+    sampled_token_ids: list[int] = field(default_factory=list)
+    sampled_logprobs: list[float] | None = None
+    topk_token_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+    prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)
+
+
+def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    return device, dtype
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int) -> None:
+        self.config = config
+        self.hf_config = hf_config
+        self.device, self.dtype = resolve_device_and_dtype(config)
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = hf_config.vocab_size
+
+        backend_name = config.attention_backend or "torch"
+        num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        self.attn_backend = get_attention_backend(backend_name, num_heads, self.num_kv_heads)
+
+        self.model = self._load_model(get_model_class(hf_config), model_dir)
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+
+    def _load_model(self, model_cls, model_dir):
+        # Build on the meta device so no time goes into initialising weights we overwrite.
+        with torch.device("meta"):
+            model = model_cls(self.hf_config, self.attn_backend, self.max_model_len)
+        model = model.to_empty(device="cpu")
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.build_cache()
+        if self.config.load_format == "dummy":
+            init_dummy_weights(model, self.config.seed)
+        else:
+            model.load_weights(iterate_safetensors(model_dir, torch.float32))
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    # ---- KV cache -------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        per_token = 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * self.hf_config.num_hidden_layers
+
+    def determine_num_blocks(self, max_num_seqs: int) -> int:
+        if self.config.num_gpu_blocks_override is not None:
+            return self.config.num_gpu_blocks_override
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_utilization) - (1 << 30)
+        else:
+            budget = self.config.kv_cache_memory or _DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = max(budget // self.block_bytes(), 1)
+        # Beyond every sequence at full length, blocks only feed the prefix cache; cap there
+        # so tiny models don't allocate millions of bookkeeping objects.
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        return int(min(num_blocks, 2 * blocks_per_seq * max_num_seqs))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        # Zeros, not empty: masked-out context slots are multiplied by 0 and must not be NaN.
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for _ in range(self.hf_config.num_hidden_layers)
+        ]
+        self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
+                    num_blocks * self.block_bytes() / 2**20)
+
+    # ---- one step -------------------------------------------------------------------
+    def _prepare_inputs(self, so: SchedulerOutput):
+        bs = self.block_size
+        input_ids, positions, slots = [], [], []
+        query_start_loc, seq_lens = [0], []
+        logits_indices, sampling_reqs = [], []
+        prompt_lp_reqs = []  # (request, first flat index, first prompt position, count)
+        max_blocks = max(len(r.block_ids) for r in so.scheduled_requests)
+        block_table = np.zeros((len(so.scheduled_requests), max_blocks), dtype=np.int32)
+        for i, (req, n) in enumerate(zip(so.scheduled_requests, so.num_scheduled_tokens)):
+            start, offset = req.num_computed_tokens, query_start_loc[-1]
+            input_ids.extend(req.all_token_ids[start:start + n])
+            pos = np.arange(start, start + n)
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            block_table[i, :len(blocks)] = blocks
+            query_start_loc.append(offset + n)
+            seq_lens.append(start + n)
+            if start + n == req.num_tokens:
+                logits_indices.append(offset + n - 1)
+                sampling_reqs.append(req)
+            num_prompt = req.num_prompt_tokens
+            if (req.sampling_params.prompt_logprobs is not None and start < num_prompt - 1
+                    and req.prompt_logprobs is not None and len(req.prompt_logprobs) < num_prompt):
+                count = min(start + n, num_prompt - 1) - start
+                prompt_lp_reqs.append((req, offset, start, count))
+
+        dev = self.device
+        md = AttentionMetadata(
+            num_tokens=len(input_ids),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_table=torch.from_numpy(block_table).to(dev),
+            query_lens_cpu=list(so.num_scheduled_tokens),
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(so.num_scheduled_tokens),
+            max_seq_len=max(seq_lens),
+        )
+        inputs = (
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.from_numpy(np.concatenate(positions)).to(dev),
+        )
+        return inputs, md, logits_indices, sampling_reqs, prompt_lp_reqs
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        (input_ids, positions), md, logits_indices, sampling_reqs, prompt_lp_reqs = (
+            self._prepare_inputs(so)
+        )
+        self.attn_backend.prepare(md)
+        hidden = self.model(input_ids, positions, self.kv_caches, md)
+        out = ModelRunnerOutput()
+        for req, offset, start, count in prompt_lp_reqs:
+            out.prompt_logprobs[req.request_id] = self._prompt_logprobs(
+                hidden[offset:offset + count], req, start, count)
+        if not sampling_reqs:
+            return out
+        logits = self.model.compute_logits(hidden[logits_indices])
+        metadata = SamplingMetadata.build(
+            params=[r.sampling_params for r in sampling_reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in sampling_reqs],
+            output_token_ids=[r.output_token_ids for r in sampling_reqs],
+            generators=[r.generator for r in sampling_reqs],
+            vocab_size=self.vocab_size,
+            device=self.device,
+        )
+        result = self.sampler(logits, metadata)
+        # The one device-to-host sync of the step.
+        out.req_ids = [r.request_id for r in sampling_reqs]
+        out.sampled_token_ids = result.sampled_token_ids.tolist()
+        if result.logprobs is not None:
+            out.sampled_logprobs = result.logprobs.tolist()
+        if result.topk_token_ids is not None:
+            out.topk_token_ids = result.topk_token_ids.tolist()
+            out.topk_logprobs = result.topk_logprobs.tolist()
+        return out
+
+    def _prompt_logprobs(self, hidden, req, start, count) -> PromptLogprobsChunk:
+        logits = self.model.compute_logits(hidden)
+        targets = torch.tensor(req.prompt_token_ids[start + 1:start + 1 + count], device=self.device)
+        token_lp, topk_ids, topk_lp = compute_prompt_logprobs(
+            logits, targets, req.sampling_params.prompt_logprobs)
+        return PromptLogprobsChunk(start + 1, token_lp.tolist(), topk_ids.tolist(), topk_lp.tolist())

@@ -1,0 +1,105 @@
+"""One sequence's state as it moves through the scheduler: tokens, progress, blocks."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING
+
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.detokenizer import IncrementalDetokenizer
+    from engine.outputs import Logprob
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """A single sequence. A user request with n > 1 becomes n of these (see engine.outputs)."""
+
+    __slots__ = (
+        "request_id", "prompt_token_ids", "sampling_params", "arrival_time", "max_tokens",
+        "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status", "block_ids",
+        "generator", "detokenizer", "logprobs", "cumulative_logprob", "prompt_logprobs",
+        "stop_reason", "num_preemptions",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        max_tokens: int,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.max_tokens = max_tokens  # resolved against max_model_len by the engine
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.all_token_ids = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prefix-cache hits at (latest) admission
+        self.status = RequestStatus.WAITING
+        self.block_ids: list[int] = []  # the block table, append-only while running
+        self.generator: torch.Generator | None = None
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = (
+            [] if sampling_params.logprobs is not None else None
+        )
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if sampling_params.prompt_logprobs is not None else None
+        )
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens})"
+        )
