@@ -123,9 +123,11 @@ class SamplingMetadata:
             # Duplicate (row, token) pairs are harmless: each writes the same penalised value.
             lengths = [len(prompt_token_ids[i]) + len(output_token_ids[i]) for i in rep_rows]
             tokens = torch.tensor(
-                list(chain.from_iterable(
-                    chain(prompt_token_ids[i], output_token_ids[i]) for i in rep_rows
-                )),
+                list(
+                    chain.from_iterable(
+                        chain(prompt_token_ids[i], output_token_ids[i]) for i in rep_rows
+                    )
+                ),
                 **i64,
             )
             lengths_t = torch.tensor(lengths, **i64)
@@ -182,13 +184,12 @@ class Sampler:
         # so they are taken before any processing.
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
-            pass
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
 
         logits = apply_logits_processors(logits, metadata)
         sampled = _sample(logits, metadata)
 
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if metadata.max_num_logprobs is None:
+        if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
         logprobs = raw_logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
         num_topk = min(metadata.max_num_logprobs, metadata.vocab_size)
@@ -244,14 +245,13 @@ def _random_sample(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
     """Sample rows [R, V] by inverse CDF with one uniform per row.
 
     One uniform per row (instead of an exponential race with V draws) keeps a seeded request's
-    draw independent of its neighbours and costs ~50x less RNG work on CPU. Every op here acts
-    on each row on its own, with no order-dependent reductions across the row, so a seeded row
-    samples the same token at any batch position.
+    draw independent of its neighbours and costs ~50x less RNG work on CPU. Each op here treats
+    every row on its own, in an order that does not depend on the batch (softmax, cumsum, topk;
+    not sum), so a seeded row samples the same token at any batch position.
     """
     x = logits if m.temperature is None else logits / m.temperature
-    row_max = x.amax(dim=-1, keepdim=True)
-    probs = torch.exp(x - row_max)  # unnormalised; the best token has weight 1
-    threshold = _keep_threshold(x, probs, row_max, m.top_k, m.max_top_k, m.top_p, m.min_p)
+    probs = torch.softmax(x, dim=-1)
+    threshold = _keep_threshold(x, probs, m.top_k, m.max_top_k, m.top_p, m.min_p)
     if threshold is not None:
         probs.mul_(x >= threshold)
     uniforms = torch.rand(x.shape[0], device=x.device)
@@ -262,6 +262,7 @@ def _random_sample(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token whose cdf interval holds uniform * total; probs [R, V] need not be normalised."""
     cdf = probs.cumsum_(dim=-1)
     total = cdf[:, -1:]
     # u < 1, but u * total may round up to total; stay strictly below it so the token found
@@ -285,11 +286,10 @@ def apply_top_k_top_p_min_p(
     max_top_k = 0
     if top_k is not None:
         top_k = torch.where((top_k <= 0) | (top_k >= V), V, top_k)
-        max_top_k = int(top_k[top_k < V].max()) if bool((top_k < V).any()) else 0
+        max_top_k = int(top_k.masked_fill(top_k >= V, 0).max()) if top_k.numel() else 0
         top_k = top_k if max_top_k else None
-    row_max = logits.amax(dim=-1, keepdim=True)
-    probs = torch.exp(logits - row_max)
-    threshold = _keep_threshold(logits, probs, row_max, top_k, max_top_k, top_p, min_p)
+    probs = torch.softmax(logits, dim=-1)
+    threshold = _keep_threshold(logits, probs, top_k, max_top_k, top_p, min_p)
     if threshold is None:
         return logits.clone()
     return logits.masked_fill(logits < threshold, float("-inf"))
@@ -298,7 +298,6 @@ def apply_top_k_top_p_min_p(
 def _keep_threshold(
     x: torch.Tensor,
     probs: torch.Tensor,
-    row_max: torch.Tensor,
     top_k: torch.Tensor | None,
     max_top_k: int,
     top_p: torch.Tensor | None,
@@ -309,60 +308,61 @@ def _keep_threshold(
     vLLM applies min-p, then top-k, then top-p, each on what the previous one kept. All three
     keep every token above some value, so the result is one threshold per row. Ties at a
     threshold are all kept (vLLM keeps them for top-k; for top-p its sort picks among them
-    arbitrarily). None when no filter is active.
+    arbitrarily). None when no filter is active. probs = softmax(x).
     """
     threshold = None
     if min_p is not None:
         # p_j >= min_p * p_max  <=>  x_j >= x_max + log(min_p); min_p = 0 gives -inf.
-        threshold = row_max + torch.log(min_p).unsqueeze(1)
+        threshold = x.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)
     if top_k is None and top_p is None:
         return threshold
 
     V = x.shape[1]
     num_candidates = min(V, max(max_top_k, _TOP_P_CANDIDATES[0] if top_p is not None else 0))
-    top_values = x.topk(num_candidates, dim=-1).values  # [R, k] best first
+    top_values, top_ids = x.topk(num_candidates, dim=-1)  # [R, k] best first
     if top_k is not None:
         kth = top_values.gather(1, (top_k.clamp(max=num_candidates) - 1).unsqueeze(1))
         kth = kth.masked_fill(top_k.unsqueeze(1) >= V, float("-inf"))
         threshold = kth if threshold is None else torch.maximum(threshold, kth)
     if top_p is not None:
-        threshold = _top_p_threshold(x, probs, row_max, top_values, threshold, top_p)
+        threshold = _top_p_threshold(x, probs, top_values, top_ids, threshold, top_p)
     return threshold
 
 
 def _top_p_threshold(
     x: torch.Tensor,
     probs: torch.Tensor,
-    row_max: torch.Tensor,
     top_values: torch.Tensor,
+    top_ids: torch.Tensor,
     threshold: torch.Tensor | None,
     top_p: torch.Tensor,
 ) -> torch.Tensor:
-    """Lower `threshold` [R, 1] to keep only each row's nucleus: the best tokens, in order,
+    """Raise `threshold` [R, 1] to keep only each row's nucleus: the best tokens, in order,
     while the mass before them is < top_p of the mass that survived min-p / top-k."""
     R, V = x.shape
     if threshold is None:
         threshold = x.new_full((R, 1), float("-inf"))
-        survivors = probs
+        target = top_p.unsqueeze(1)  # softmax sums to 1, as vLLM's top-p assumes too
     else:
+        # cumsum, not sum: its sequential order keeps a row's mass independent of the batch
+        # size, which torch's CPU sum() does not (it splits a lone row across threads).
         survivors = probs * (x >= threshold)
-    # cumsum, not sum: its sequential order makes a row's mass independent of the batch size,
-    # which torch's CPU sum() is not (it splits a lone row across threads).
-    target = survivors.cumsum(dim=-1)[:, -1:] * top_p.unsqueeze(1)  # [R, 1]
+        target = survivors.cumsum_(dim=-1)[:, -1:] * top_p.unsqueeze(1)  # [R, 1]
 
+    flat_probs = probs.view(-1)
     pending = torch.nonzero(top_p < 1.0).squeeze(1)
-    sizes = [top_values.shape[1]] + [k for k in (*_TOP_P_CANDIDATES[1:], V) if k > top_values.shape[1]]
-    for size in sizes:
+    first = top_values.shape[1]
+    for size in [first] + [k for k in (*_TOP_P_CANDIDATES[1:], V) if k > first]:
         if pending.numel() == 0:
             break
-        if size == top_values.shape[1]:
-            values = top_values[pending]
+        if size == first:
+            values, ids = top_values[pending], top_ids[pending]
         elif size < V:
-            values = x[pending].topk(size, dim=-1).values
+            values, ids = x[pending].topk(size, dim=-1)
         else:
-            values = x[pending].sort(dim=-1, descending=True).values
+            values, ids = x[pending].sort(dim=-1, descending=True)
         floor = threshold[pending]
-        weights = torch.exp(values - row_max[pending]) * (values >= floor)
+        weights = flat_probs[pending.unsqueeze(1) * V + ids] * (values >= floor)
         cum = weights.cumsum(dim=-1)
         row_target = target[pending]
         # Kept tokens form a prefix; the best token is always kept.

@@ -89,9 +89,11 @@ def resolve_model(model: str | os.PathLike | None) -> pathlib.Path:
     path = pathlib.Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; to use a GGUF file in it, pass its path, e.g. {ggufs[0]!r}" if ggufs else ""
             raise ValueError(
                 f"model directory {str(model)!r} has no config.json; a model directory must be "
-                "in HuggingFace format (config.json, *.safetensors, tokenizer files)"
+                f"in HuggingFace format (config.json, *.safetensors, tokenizer files){hint}"
             )
         return path.resolve()
     if path.is_file():

@@ -174,8 +174,15 @@ def test_fast_path_builds_nothing_nobody_asked_for():
     params = [SamplingParams(temperature=0.0), SamplingParams(), SamplingParams(seed=1)]
     md = build(params, logits, [[1, 2]] * 3, [[3]] * 3)
     for name in (
-        "temperature", "top_k", "top_p", "min_p", "seeded_rows", "bias_index",
-        "stop_block_index", "repetition_index", "output_index",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "seeded_rows",
+        "bias_index",
+        "stop_block_index",
+        "repetition_index",
+        "output_index",
     ):
         assert getattr(md, name) is None, name
     assert md.max_num_logprobs is None
