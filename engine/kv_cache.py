@@ -192,8 +192,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_cache_stats.queries += request.num_tokens
-        self.prefix_cache_stats.hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
@@ -209,6 +207,9 @@ class KVCacheManager:
         num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks > self.block_pool.num_free_blocks - num_evictable_hits:
             return None
+        if not blocks and self.enable_caching:  # admission: count the lookup once
+            self.prefix_cache_stats.queries += request.num_tokens
+            self.prefix_cache_stats.hits += len(new_computed_blocks) * self.block_size
         self.block_pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
         new_blocks = self.block_pool.get_new_blocks(max(num_new_blocks, 0))

@@ -3,6 +3,7 @@ temperature, top-k/top-p/min-p, seeded draws) plus the raw logprobs that request
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -10,10 +11,8 @@ import torch
 
 from engine.sampling_params import SamplingParams
 
-# Top-p looks for each row's nucleus among its best `k` tokens, widening k only for rows whose
-# nucleus does not fit. On CPU a full sort of a 50k vocabulary costs ~2 ms per row while topk(64)
-# costs ~0.04 ms, and trained models' nuclei are usually small.
-_TOP_P_CANDIDATES = (64, 1024)
+# How many best tokens top-k / top-p look at before a full sort (see _truncate).
+_CANDIDATE_SIZES = (64, 1024)
 # Rows of prompt logits turned into logprobs at a time, to bound the [rows, V] temporaries.
 _PROMPT_LOGPROBS_CHUNK = 256
 
@@ -36,6 +35,10 @@ class SamplingMetadata:
     max_top_k: int  # largest enabled top_k (0 if none)
     top_p: torch.Tensor | None  # [R] float32, 1.0 where disabled
     min_p: torch.Tensor | None  # [R] float32, 0.0 where disabled
+    # With top_k or top_p set: which of the R rows they truncate (None: all of them), and
+    # which they leave whole (None: none).
+    truncated_rows: torch.Tensor | None
+    whole_rows: torch.Tensor | None
     seeded_rows: torch.Tensor | None  # [S] int64 positions among the R random rows
     seeded_generators: list[torch.Generator] = field(default_factory=list)  # [S]
     bias_index: torch.Tensor | None = None  # [N] int64 flat index
@@ -79,6 +82,8 @@ class SamplingMetadata:
         min_p = None
         if any(p.min_p > 0.0 for p in rparams):
             min_p = torch.tensor([p.min_p for p in rparams], **f32)
+        truncated = [r for r, p in enumerate(rparams) if ks[r] < V or p.top_p < 1.0]
+        whole = [r for r, p in enumerate(rparams) if ks[r] == V and p.top_p == 1.0]
         # A generator on a greedy row is ignored: greedy draws no random numbers.
         seeded = [(r, generators[i]) for r, i in enumerate(random) if generators[i] is not None]
 
@@ -106,6 +111,8 @@ class SamplingMetadata:
             max_top_k=max_top_k,
             top_p=top_p,
             min_p=min_p,
+            truncated_rows=torch.tensor(truncated, **i64) if whole else None,
+            whole_rows=torch.tensor(whole, **i64) if whole and truncated else None,
             seeded_rows=torch.tensor([r for r, _ in seeded], **i64) if seeded else None,
             seeded_generators=[g for _, g in seeded],
             max_num_logprobs=max(
@@ -186,8 +193,8 @@ class Sampler:
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
-        logits = apply_logits_processors(logits, metadata)
-        sampled = _sample(logits, metadata)
+        processed = apply_logits_processors(logits, metadata)
+        sampled = _sample(processed, metadata, owned=processed is not logits)
 
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
@@ -226,13 +233,14 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
     return logits
 
 
-def _sample(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+def _sample(logits: torch.Tensor, m: SamplingMetadata, owned: bool) -> torch.Tensor:
+    """`owned`: the sampler made `logits` itself and may overwrite it."""
     if m.all_greedy:
         return _greedy(logits)
     if m.all_random:
-        return _random_sample(logits, m)
+        return _random_sample(logits, m, owned)
     sampled = _greedy(logits)
-    sampled[m.random_rows] = _random_sample(logits[m.random_rows], m)
+    sampled[m.random_rows] = _random_sample(logits[m.random_rows], m, owned=True)
     return sampled
 
 
@@ -241,34 +249,162 @@ def _greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
-def _random_sample(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+def _random_sample(logits: torch.Tensor, m: SamplingMetadata, owned: bool) -> torch.Tensor:
     """Sample rows [R, V] by inverse CDF with one uniform per row.
 
-    One uniform per row (instead of an exponential race with V draws) keeps a seeded request's
-    draw independent of its neighbours and costs ~50x less RNG work on CPU. Each op here treats
+    One uniform per row keeps a seeded request's draw independent of its neighbours, as an
+    exponential race would, without drawing R x V numbers (exponential_ over [64, 49152] takes
+    ~50 ms on a CPU core). Each op here treats
     every row on its own, in an order that does not depend on the batch (softmax, cumsum, topk;
     not sum), so a seeded row samples the same token at any batch position.
     """
-    x = logits if m.temperature is None else logits / m.temperature
-    probs = torch.softmax(x, dim=-1)
-    threshold = _keep_threshold(x, probs, m.top_k, m.max_top_k, m.top_p, m.min_p)
-    if threshold is not None:
-        probs.mul_(x >= threshold)
-    uniforms = torch.rand(x.shape[0], device=x.device)
+    if m.temperature is not None:
+        logits = logits.div_(m.temperature) if owned else logits / m.temperature
+        owned = True
+    probs = _softmax(logits, in_place=owned)
+    R = probs.shape[0]
+    uniforms = torch.rand(R, device=probs.device)
     if m.seeded_rows is not None:
         draws = [torch.rand(1, generator=g, device=g.device) for g in m.seeded_generators]
-        uniforms[m.seeded_rows] = torch.cat(draws).to(x.device)
-    return _inverse_cdf(probs, uniforms)
+        uniforms[m.seeded_rows] = torch.cat(draws).to(probs.device)
+
+    if m.top_k is None and m.top_p is None:
+        return _sample_whole_rows(probs, m.min_p, uniforms)
+    sampled = torch.empty(R, dtype=torch.int64, device=probs.device)
+    # Rows that top-k / top-p truncate are sampled among their best candidates, so no [R, V]
+    # mask or cumsum is needed for them.
+    for rows, values, ids, threshold in _truncate(
+        probs, m.truncated_rows, m.top_k, m.max_top_k, m.top_p, m.min_p
+    ):
+        choice = _inverse_cdf(values * (values >= threshold), uniforms[rows])
+        sampled[rows] = ids.gather(1, choice.unsqueeze(1)).squeeze(1)
+    if m.whole_rows is not None:
+        rows = m.whole_rows
+        min_p = None if m.min_p is None else m.min_p[rows]
+        sampled[rows] = _sample_whole_rows(probs[rows], min_p, uniforms[rows])
+    return sampled
 
 
-def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Token whose cdf interval holds uniform * total; probs [R, V] need not be normalised."""
-    cdf = probs.cumsum_(dim=-1)
+def _softmax(logits: torch.Tensor, in_place: bool) -> torch.Tensor:
+    # A second [R, V] float32 temporary costs page faults on CPU (several ms at R=64, V=49k,
+    # more than the softmax itself). The CPU last-dim kernel reads each element before it
+    # writes it, so out=input is exact there; elsewhere stay out of place.
+    if in_place and logits.device.type == "cpu":
+        return torch.softmax(logits, dim=-1, out=logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def _sample_whole_rows(
+    probs: torch.Tensor, min_p: torch.Tensor | None, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """Sample from whole rows of probs [R, V] (overwritten), after vLLM's min-p if given."""
+    if min_p is not None:
+        # masked_fill_ needs only a bool temporary; mul_ by the mask would cast it to float.
+        probs.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1), 0.0)
+    return _inverse_cdf(probs.cumsum_(dim=-1), uniforms, is_cdf=True)
+
+
+def _inverse_cdf(
+    weights: torch.Tensor, uniforms: torch.Tensor, is_cdf: bool = False
+) -> torch.Tensor:
+    """Index [R] whose cdf interval holds uniform * total; weights [R, N] need no normalising."""
+    cdf = weights if is_cdf else weights.cumsum(dim=-1)
     total = cdf[:, -1:]
-    # u < 1, but u * total may round up to total; stay strictly below it so the token found
-    # always has non-zero weight (a zero-weight token never raises the cdf).
+    # u < 1, but u * total may round up to total; stay strictly below it so the index found
+    # always has non-zero weight (a zero weight never raises the cdf).
     target = torch.minimum(uniforms.unsqueeze(1) * total, torch.nextafter(total, cdf.new_zeros(())))
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
+
+def _truncate(
+    probs: torch.Tensor,
+    rows: torch.Tensor | None,
+    top_k: torch.Tensor | None,
+    max_top_k: int,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Apply min-p, then top-k, then top-p (vLLM's order) to `rows` of probs [R, V].
+
+    Yields groups (rows [G], candidate probs [G, k] best first, their token ids [G, k],
+    threshold [G, 1]): a row keeps exactly its candidates with prob >= threshold. Each filter
+    keeps every token above some value, so one threshold per row expresses all three; ties
+    at it are all kept (vLLM keeps top-k ties too; for top-p its sort picks among them
+    arbitrarily). Candidates start at the best max(top_k + 1, 64) and widen, for the rows
+    that need it, to 1024 and then the whole sorted row: on CPU topk(64) over 50k tokens costs
+    ~0.04 ms a row, a full sort ~2 ms, and trained models' nuclei are usually small. (Picking
+    the rows still pending reads a mask back: one host sync per stage on a GPU.)
+    """
+    V = probs.shape[1]
+    if rows is not None:
+        probs = probs[rows]
+        top_k, top_p, min_p = (None if t is None else t[rows] for t in (top_k, top_p, min_p))
+    n = probs.shape[0]
+    first = min(V, max(max_top_k + 1, _CANDIDATE_SIZES[0] if top_p is not None else 0))
+    values, ids = probs.topk(first, dim=-1)
+
+    floor = probs.new_zeros(n, 1)  # the threshold of min-p and top-k
+    if min_p is not None:
+        floor = values[:, :1] * min_p.unsqueeze(1)
+    if top_k is not None:
+        kth = values.gather(1, (top_k.clamp(max=first) - 1).unsqueeze(1))
+        floor = torch.maximum(floor, kth.masked_fill(top_k.unsqueeze(1) >= V, 0.0))
+    if top_p is not None:
+        target = _top_p_target(probs, values, floor, top_p, exact=min_p is None and top_k is None)
+
+    pending = torch.arange(n, device=probs.device)
+    for size in [first] + [k for k in (*_CANDIDATE_SIZES[1:], V) if k > first]:
+        if size > first:
+            if size < V:
+                values, ids = probs[pending].topk(size, dim=-1)
+            else:
+                values, ids = probs[pending].sort(dim=-1, descending=True)
+        threshold = floor[pending]
+        if top_p is not None:
+            weights = values * (values >= threshold)
+            cum = weights.cumsum(dim=-1)
+            # The nucleus is the prefix of tokens whose preceding mass is < top_p of the
+            # survivors' mass; the best token is always in it.
+            in_nucleus = ((cum - weights) < target[pending]) & (weights > 0)
+            num_keep = in_nucleus.sum(dim=-1, keepdim=True).clamp(min=1)
+            cut = values.gather(1, num_keep - 1)
+            threshold = torch.where(
+                top_p[pending].unsqueeze(1) < 1.0, torch.maximum(threshold, cut), threshold
+            )
+        # Done when the candidates hold every kept token: the last one is cut, or it is the
+        # whole row.
+        done = (values[:, -1] < threshold[:, 0]) | (size == V)
+        out_rows = pending[done] if rows is None else rows[pending[done]]
+        yield out_rows, values[done], ids[done], threshold[done]
+        pending = pending[~done]
+        if pending.numel() == 0:
+            return
+
+
+def _top_p_target(
+    probs: torch.Tensor,
+    values: torch.Tensor,
+    floor: torch.Tensor,
+    top_p: torch.Tensor,
+    exact: bool,
+) -> torch.Tensor:
+    """top_p times the mass that survived min-p / top-k, per row [n, 1]."""
+    if exact:
+        return top_p.unsqueeze(1)  # softmax sums to 1, as vLLM's top-p assumes too
+    # Sum the survivors best first over a fixed head, not the batch-dependent candidate count,
+    # so a row's mass (and so its nucleus) does not depend on its neighbours; rows with
+    # survivors past the head sum their whole row. cumsum, not sum: torch's CPU sum() orders
+    # its additions differently for a lone row.
+    head = values[:, : _CANDIDATE_SIZES[0]]
+    survivors = head * (head >= floor)
+    mass = survivors.cumsum(dim=-1)[:, -1:]
+    if head.shape[1] < probs.shape[1]:
+        wide = torch.nonzero(survivors[:, -1] > 0).squeeze(1)
+        if wide.numel():
+            row_probs = probs[wide]
+            row_probs.masked_fill_(row_probs < floor[wide], 0.0)
+            mass[wide] = row_probs.cumsum_(dim=-1)[:, -1:]
+    return mass * top_p.unsqueeze(1)
 
 
 def apply_top_k_top_p_min_p(
@@ -277,104 +413,32 @@ def apply_top_k_top_p_min_p(
     top_p: torch.Tensor | None,
     min_p: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`logits` [R, V] with the tokens min-p, top-k and top-p filter out set to -inf.
+    """`logits` [R, V] with the tokens that min-p, top-k and top-p drop set to -inf.
 
     The sampler applies the same filter without materialising this tensor. top_k [R] int64
     (0 or >= V disables), top_p [R] (1.0 disables), min_p [R] (0.0 disables).
     """
-    V = logits.shape[1]
+    R, V = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    out = logits.clone()
+    cut = torch.zeros(R, dtype=torch.bool, device=logits.device)
     max_top_k = 0
     if top_k is not None:
         top_k = torch.where((top_k <= 0) | (top_k >= V), V, top_k)
-        max_top_k = int(top_k.masked_fill(top_k >= V, 0).max()) if top_k.numel() else 0
-        top_k = top_k if max_top_k else None
-    probs = torch.softmax(logits, dim=-1)
-    threshold = _keep_threshold(logits, probs, top_k, max_top_k, top_p, min_p)
-    if threshold is None:
-        return logits.clone()
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def _keep_threshold(
-    x: torch.Tensor,
-    probs: torch.Tensor,
-    top_k: torch.Tensor | None,
-    max_top_k: int,
-    top_p: torch.Tensor | None,
-    min_p: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """Per-row logit threshold [R, 1]: a token is kept iff its logit >= threshold.
-
-    vLLM applies min-p, then top-k, then top-p, each on what the previous one kept. All three
-    keep every token above some value, so the result is one threshold per row. Ties at a
-    threshold are all kept (vLLM keeps them for top-k; for top-p its sort picks among them
-    arbitrarily). None when no filter is active. probs = softmax(x).
-    """
-    threshold = None
-    if min_p is not None:
-        # p_j >= min_p * p_max  <=>  x_j >= x_max + log(min_p); min_p = 0 gives -inf.
-        threshold = x.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)
-    if top_k is None and top_p is None:
-        return threshold
-
-    V = x.shape[1]
-    num_candidates = min(V, max(max_top_k, _TOP_P_CANDIDATES[0] if top_p is not None else 0))
-    top_values, top_ids = x.topk(num_candidates, dim=-1)  # [R, k] best first
-    if top_k is not None:
-        kth = top_values.gather(1, (top_k.clamp(max=num_candidates) - 1).unsqueeze(1))
-        kth = kth.masked_fill(top_k.unsqueeze(1) >= V, float("-inf"))
-        threshold = kth if threshold is None else torch.maximum(threshold, kth)
+        cut |= top_k < V
+        max_top_k = int(top_k.masked_fill(top_k >= V, 0).max()) if R else 0
     if top_p is not None:
-        threshold = _top_p_threshold(x, probs, top_values, top_ids, threshold, top_p)
-    return threshold
-
-
-def _top_p_threshold(
-    x: torch.Tensor,
-    probs: torch.Tensor,
-    top_values: torch.Tensor,
-    top_ids: torch.Tensor,
-    threshold: torch.Tensor | None,
-    top_p: torch.Tensor,
-) -> torch.Tensor:
-    """Raise `threshold` [R, 1] to keep only each row's nucleus: the best tokens, in order,
-    while the mass before them is < top_p of the mass that survived min-p / top-k."""
-    R, V = x.shape
-    if threshold is None:
-        threshold = x.new_full((R, 1), float("-inf"))
-        target = top_p.unsqueeze(1)  # softmax sums to 1, as vLLM's top-p assumes too
-    else:
-        # cumsum, not sum: its sequential order keeps a row's mass independent of the batch
-        # size, which torch's CPU sum() does not (it splits a lone row across threads).
-        survivors = probs * (x >= threshold)
-        target = survivors.cumsum_(dim=-1)[:, -1:] * top_p.unsqueeze(1)  # [R, 1]
-
-    flat_probs = probs.view(-1)
-    pending = torch.nonzero(top_p < 1.0).squeeze(1)
-    first = top_values.shape[1]
-    for size in [first] + [k for k in (*_TOP_P_CANDIDATES[1:], V) if k > first]:
-        if pending.numel() == 0:
-            break
-        if size == first:
-            values, ids = top_values[pending], top_ids[pending]
-        elif size < V:
-            values, ids = x[pending].topk(size, dim=-1)
-        else:
-            values, ids = x[pending].sort(dim=-1, descending=True)
-        floor = threshold[pending]
-        weights = flat_probs[pending.unsqueeze(1) * V + ids] * (values >= floor)
-        cum = weights.cumsum(dim=-1)
-        row_target = target[pending]
-        # Kept tokens form a prefix; the best token is always kept.
-        num_keep = (((cum - weights) < row_target) & (weights > 0)).sum(dim=-1, keepdim=True)
-        cut = values.gather(1, num_keep.clamp(min=1) - 1)
-        # Resolved when the candidates reach the target, or hold every survivor (the last one
-        # is already filtered out), or are the whole vocabulary.
-        done = (cum[:, -1:] >= row_target) | (weights[:, -1:] == 0) | (size == V)
-        done = done.squeeze(1)
-        threshold[pending[done]] = torch.maximum(floor[done], cut[done])
-        pending = pending[~done]
-    return threshold
+        cut |= top_p < 1.0
+    rows = torch.nonzero(cut).squeeze(1)
+    if rows.numel():
+        for group, _, _, threshold in _truncate(probs, rows, top_k, max_top_k, top_p, min_p):
+            out[group] = out[group].masked_fill(probs[group] < threshold, float("-inf"))
+    whole = torch.nonzero(~cut).squeeze(1)
+    if min_p is not None and whole.numel():
+        p = probs[whole]
+        drop = p < p.amax(dim=-1, keepdim=True) * min_p[whole].unsqueeze(1)
+        out[whole] = out[whole].masked_fill(drop, float("-inf"))
+    return out
 
 
 def compute_prompt_logprobs(

@@ -17,7 +17,9 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step
     block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
-    query_lens_cpu: list[int]  # host copies, so no backend needs a device sync
+    block_size: int
+    query_start_loc_cpu: list[int]  # host copies, so no backend needs a device sync
+    query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int

@@ -14,6 +14,7 @@ from engine.sampler import (
     Sampler,
     SamplingMetadata,
     _inverse_cdf,
+    _truncate,
     apply_logits_processors,
     apply_top_k_top_p_min_p,
     compute_prompt_logprobs,
@@ -274,14 +275,35 @@ def test_filters_match_reference_property(data, num_rows, vocab):
 
 def test_samples_never_leave_the_kept_set():
     torch.manual_seed(4)
-    V, B = 500, 300
-    row = torch.randn(V) * 2
-    params = [SamplingParams(temperature=1.0, top_k=40, top_p=0.6, min_p=0.02)] * B
-    logits = row.expand(B, V).contiguous()
-    sampled = Sampler()(logits, build(params, logits)).sampled_token_ids
-    kept = ref_kept(row, 40, 0.6, 0.02)
-    assert kept[sampled].all()
-    assert len(set(sampled.tolist())) > 1
+    V, per_group = 3000, 60
+    groups = [
+        (0.5, SamplingParams(top_k=40, top_p=0.6, min_p=0.02)),  # candidates
+        (0.5, SamplingParams(min_p=0.3)),  # whole row, masked
+        (0.2, SamplingParams(top_p=0.9)),  # flat: widens to a full sort
+        (0.5, SamplingParams(top_k=200)),
+        (0.5, SamplingParams(temperature=0.7)),  # whole row, unfiltered
+    ]
+    rows = torch.randn(len(groups), V) * torch.tensor([g[0] for g in groups]).unsqueeze(1)
+    logits = rows.repeat_interleave(per_group, dim=0)
+    params = [p for _, p in groups for _ in range(per_group)]
+    sampled = Sampler()(logits, build(params, logits)).sampled_token_ids.view(len(groups), -1)
+    for i, (_, p) in enumerate(groups):
+        kept = ref_kept(rows[i] / p.temperature, p.top_k, p.top_p, p.min_p)
+        assert kept[sampled[i]].all(), p
+        assert len(set(sampled[i].tolist())) > 1, p
+
+
+def test_small_top_k_and_narrow_nuclei_need_no_sort():
+    torch.manual_seed(9)
+    probs = torch.softmax(torch.randn(4, 5000) * 4, dim=-1)
+    top_k = torch.tensor([10, 5000, 3, 5000])
+    top_p = torch.tensor([1.0, 0.5, 0.9, 0.3])
+    groups = list(_truncate(probs, None, top_k, 10, top_p, None))
+    assert len(groups) == 1  # every row resolved among its first candidates
+    rows, values, ids, _ = groups[0]
+    assert sorted(rows.tolist()) == [0, 1, 2, 3] and values.shape == (4, 64)
+    groups = list(_truncate(probs, torch.tensor([0, 2]), top_k, 10, None, None))
+    assert len(groups) == 1 and groups[0][1].shape == (2, 11)
 
 
 def test_inverse_cdf_never_picks_a_zero_weight_token():
@@ -294,14 +316,12 @@ def test_inverse_cdf_never_picks_a_zero_weight_token():
 # ---------------------------------------------------------------- seeding
 
 
-def _seeded_run(seed, rows_before, neighbours, logits_row, steps=6):
+def _seeded_run(request, rows_before, neighbours, logits_row, steps=6):
     """Tokens sampled for one seeded request placed after `rows_before` neighbours."""
-    p = SamplingParams(temperature=0.9, top_p=0.95, seed=seed)
-    params = neighbours[:rows_before] + [p] + neighbours[rows_before:]
+    params = neighbours[:rows_before] + [request] + neighbours[rows_before:]
     gens = [seeded(1000 + i) if q.seed is not None else None for i, q in enumerate(params)]
-    gens[rows_before] = seeded(seed)
-    V = logits_row.shape[0]
-    logits = torch.randn(len(params), V)
+    gens[rows_before] = seeded(request.seed)
+    logits = torch.randn(len(params), logits_row.shape[0]) * 3
     logits[rows_before] = logits_row
     md = build(params, logits, generators=gens)
     sampler = Sampler()
@@ -311,23 +331,36 @@ def _seeded_run(seed, rows_before, neighbours, logits_row, steps=6):
 def test_seeded_request_is_independent_of_batch_position_and_neighbours():
     torch.manual_seed(5)
     V = 1000
-    flat_row = torch.randn(V)  # nucleus wider than the first candidate size
+    flat_row = torch.randn(V)
     peaked_row = torch.randn(V)
-    peaked_row[:20] += 8.0  # nucleus within the first candidate size
+    peaked_row[:20] += 8.0  # nucleus within the first candidates
     neighbours = [
         SamplingParams(temperature=0.0),
-        SamplingParams(temperature=0.5, top_k=5, seed=3),
+        SamplingParams(temperature=0.5, top_k=100, seed=3),  # widens the batch's candidates
         SamplingParams(temperature=1.0),
         SamplingParams(temperature=2.0, top_p=0.3, min_p=0.1),
         SamplingParams(temperature=0.8, seed=9, frequency_penalty=0.5),
     ]
-    for row in (flat_row, peaked_row):
-        alone = _seeded_run(7, 0, [], row)
-        assert _seeded_run(7, 3, neighbours, row) == alone
-        assert _seeded_run(7, 5, neighbours, row) == alone
-        assert _seeded_run(7, 1, neighbours[3:], row) == alone
-        assert len(set(alone)) > 1  # the draws are random at all
-        assert _seeded_run(8, 2, neighbours, row) != alone
+    requests = [
+        SamplingParams(temperature=0.9, top_p=0.95, seed=7),
+        SamplingParams(temperature=0.9, top_p=0.9, min_p=0.001, seed=7),
+        SamplingParams(temperature=1.1, top_k=30, seed=7),
+        SamplingParams(temperature=1.0, min_p=0.2, seed=7),
+        SamplingParams(temperature=1.0, seed=7),
+    ]
+    for request in requests:
+        other_seed = SamplingParams(**{**_fields(request), "seed": 8})
+        for row in (flat_row, peaked_row):
+            alone = _seeded_run(request, 0, [], row)
+            assert len(set(alone)) > 1, request  # the draws are random at all
+            assert _seeded_run(request, 3, neighbours, row) == alone, request
+            assert _seeded_run(request, 5, neighbours, row) == alone, request
+            assert _seeded_run(request, 1, neighbours[3:], row) == alone, request
+            assert _seeded_run(other_seed, 2, neighbours, row) != alone, request
+
+
+def _fields(p: SamplingParams) -> dict:
+    return {f: getattr(p, f) for f in ("temperature", "top_p", "top_k", "min_p", "seed")}
 
 
 # ---------------------------------------------------------------- distributions
