@@ -195,7 +195,8 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
+                       new_computed_blocks: Sequence[KVCacheBlock] = (),
+                       ) -> list[KVCacheBlock] | None:
         """Give the request room for `num_new_tokens` more tokens past its computed ones
         (and past `new_computed_blocks`, prefix hits found at admission). Returns the newly
         allocated blocks, or None, changing nothing, when the pool cannot supply them."""

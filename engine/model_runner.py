@@ -112,7 +112,9 @@ class ModelRunner:
             # Subnormal activations (softmax tails, SiLU of large negatives) make x86 math
             # ~10x slower; flushing them to zero changes no greedy token.
             torch.set_flush_denormal(True)
-        shape = (num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        # K and V apart ([2, ...], as vLLM's flash layout): a block's keys are one contiguous
+        # run, which is what makes the CPU gather a memcpy.
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         # Zeros, not empty: masked-out context slots are multiplied by 0 and must not be NaN.
         self.kv_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -205,7 +207,9 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden, req, start, count) -> PromptLogprobsChunk:
         logits = self.model.compute_logits(hidden)
-        targets = torch.tensor(req.prompt_token_ids[start + 1:start + 1 + count], device=self.device)
+        targets = torch.tensor(req.prompt_token_ids[start + 1:start + 1 + count],
+                               device=self.device)
         token_lp, topk_ids, topk_lp = compute_prompt_logprobs(
             logits, targets, req.sampling_params.prompt_logprobs)
-        return PromptLogprobsChunk(start + 1, token_lp.tolist(), topk_ids.tolist(), topk_lp.tolist())
+        return PromptLogprobsChunk(start + 1, token_lp.tolist(), topk_ids.tolist(),
+                                   topk_lp.tolist())

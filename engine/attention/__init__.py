@@ -1,5 +1,8 @@
 """Attention backends behind one interface: write the new K/V into their cache slots, then
-attend each query over its request's cached context through the block table."""
+attend each query over its request's cached context through the block table.
+
+A layer's KV cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+(keys, then values)."""
 
 from __future__ import annotations
 

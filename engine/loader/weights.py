@@ -16,10 +16,13 @@ def iterate_safetensors(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[s
         raise FileNotFoundError(
             f"no *.safetensors files in {model_dir}; pagedserve loads safetensors or GGUF"
         )
-    for path in tqdm(files, desc="Loading safetensors", unit="file", disable=len(files) < 2):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
+    handles = [safe_open(str(path), framework="pt") for path in files]
+    total = sum(len(list(h.keys())) for h in handles)
+    with tqdm(total=total, desc="Loading weights", unit="tensor", leave=False) as bar:
+        for handle in handles:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                bar.update(1)
                 yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
@@ -32,5 +35,6 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                values = torch.empty(param.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
+                values = torch.empty(param.shape, dtype=torch.float32)
+                values.uniform_(-0.02, 0.02, generator=gen)
                 param.copy_(values)

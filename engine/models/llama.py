@@ -156,7 +156,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config, backend, max_positions: int) -> None:
         super().__init__()
         self.config = config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (getattr(config, "head_dim", None)
+                    or config.hidden_size // config.num_attention_heads)
         rotary = RotaryEmbedding(config, head_dim, max_positions)
         attention_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = self.qkv_bias or attention_bias
@@ -202,7 +203,8 @@ class LlamaForCausalLM(nn.Module):
                     target, shard = name.replace(ckpt_name, fused), index
                     break
             if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
             if shard is None:
                 _copy(param.data, tensor, name)

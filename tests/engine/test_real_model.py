@@ -40,7 +40,8 @@ def hf_greedy(llm):
                                  output_logits=True, return_dict_in_generate=True,
                                  pad_token_id=tokenizer.pad_token_id)
         tokens = out.sequences[0, ids.shape[1]:].tolist()
-        logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.logits, tokens)]
+        logprobs = [torch.log_softmax(s[0].float(), -1)[t].item()
+                    for s, t in zip(out.logits, tokens)]
         results.append((ids[0].tolist(), tokens, logprobs))
     return results
 
