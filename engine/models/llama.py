@@ -19,11 +19,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as HF (normalise in fp32, cast back, then scale) for exact parity.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # HF's order (normalise in fp32, cast back, then scale), in one fused op.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_parameters(config) -> dict:
@@ -69,21 +67,20 @@ class RotaryEmbedding(nn.Module):
         self.cos = (emb.cos() * scaling).to(self.cos.device)
         self.sin = (emb.sin() * scaling).to(self.sin.device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, D], k: [T, Hkv, D], positions: [T]."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [T, 1, D] for the step's positions; looked up once, used by every layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding, backend,
-                 qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, layer_idx: int, backend, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -96,10 +93,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.rotary = rotary
         self.backend = backend
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -108,7 +104,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         out = self.backend.forward(q, k, v, kv_cache, md, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -129,15 +125,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary, backend, qkv_bias, o_bias, qk_norm) -> None:
+    def __init__(self, config, layer_idx: int, backend, qkv_bias, o_bias, qk_norm) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, rotary, backend, qkv_bias, o_bias, qk_norm)
+        self.self_attn = Attention(config, layer_idx, backend, qkv_bias, o_bias, qk_norm)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, x, kv_cache, md):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, md)
+    def forward(self, rope, x, kv_cache, md):
+        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, md)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -158,13 +154,13 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         head_dim = (getattr(config, "head_dim", None)
                     or config.hidden_size // config.num_attention_heads)
-        rotary = RotaryEmbedding(config, head_dim, max_positions)
+        self.rotary = RotaryEmbedding(config, head_dim, max_positions)
         attention_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = self.qkv_bias or attention_bias
         o_bias = self.o_bias_follows_config and attention_bias
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, rotary, backend, qkv_bias, o_bias, self.qk_norm)
+            DecoderLayer(config, i, backend, qkv_bias, o_bias, self.qk_norm)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -178,8 +174,9 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor], md: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv_cache, md)
+            x = layer(rope, x, kv_cache, md)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
