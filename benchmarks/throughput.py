@@ -148,12 +148,59 @@ def run_child(runner: str, args, workload_path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def vocab_size_of(model) -> int:
+def load_config(model):
     from transformers import AutoConfig
 
     from engine.loader.resolve import resolve_model
 
-    return AutoConfig.from_pretrained(resolve_model(model)).vocab_size
+    return AutoConfig.from_pretrained(resolve_model(model))
+
+
+def linear_shapes(config) -> list[tuple[int, int]]:
+    """(out, in) of every GEMM a token goes through, per layer, as our model fuses them."""
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    q, kv, inter = heads * head_dim, kv_heads * head_dim, config.intermediate_size
+    return [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
+
+
+def compute_floor(config, workload, dtype_name: str) -> dict:
+    """FLOPs of the workload's GEMMs against this machine's measured GEMM rate: the time
+    no engine can beat on this CPU without skipping work."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    per_layer = sum(2 * o * i for o, i in linear_shapes(config))
+    flops_token = per_layer * config.num_hidden_layers
+    flops_head = 2 * config.hidden_size * config.vocab_size
+
+    def rate(rows: int) -> float:
+        xs = [(torch.randn(rows, i, dtype=dtype), torch.randn(o, i, dtype=dtype))
+              for o, i in linear_shapes(config)]
+        for x, w in xs:
+            F.linear(x, w)
+        reps = max(1, 2048 // rows)
+        start = time.perf_counter()
+        for _ in range(reps):
+            for x, w in xs:
+                F.linear(x, w)
+        return reps * rows * per_layer / (time.perf_counter() - start)
+
+    prompt = sum(len(w["prompt_token_ids"]) for w in workload)
+    output = sum(w["max_tokens"] for w in workload)
+    prefill_rate, decode_rate = rate(1024), rate(32)
+    prefill_flops = prompt * flops_token + len(workload) * flops_head
+    decode_flops = output * (flops_token + flops_head)
+    return {
+        "gflop_per_token": (flops_token + flops_head) / 1e9,
+        "gemm_gflops_m1024": prefill_rate / 1e9,
+        "gemm_gflops_m32": decode_rate / 1e9,
+        "workload_tflop": (prefill_flops + decode_flops) / 1e12,
+        # Prefill at large-GEMM speed, decode at the 32-row speed (the mean batch is ~32).
+        "floor_s": prefill_flops / prefill_rate + decode_flops / decode_rate,
+    }
 
 
 def write_results(args, result: dict) -> Path:
@@ -178,6 +225,16 @@ def write_results(args, result: dict) -> Path:
                      f"{hf['output_tok_s']:.1f} | {hf['elapsed_s']:.1f} | "
                      f"{hf['peak_rss_mib']:.0f} | n/a |")
         lines += ["", f"**Ratio: {result['ratio']:.2f}x** HF's useful output tok/s."]
+    floor = result["gemm_floor"]
+    lines += [
+        "",
+        f"GEMM floor on this machine: {floor['workload_tflop']:.2f} TFLOP of linear layers "
+        f"({floor['gflop_per_token']:.3f} GFLOP/token) at the measured "
+        f"{floor['gemm_gflops_m1024']:.0f} GFLOP/s (1024-row GEMMs, prefill) and "
+        f"{floor['gemm_gflops_m32']:.0f} GFLOP/s (32-row GEMMs, decode) = "
+        f"**{floor['floor_s']:.1f} s** minimum for this workload; output tok/s ceiling "
+        f"{result['total_output_tokens'] / floor['floor_s']:.0f}.",
+    ]
     md_path = RESULTS_DIR / f"throughput_{tag}.md"
     md_path.write_text("\n".join(lines) + "\n")
     return md_path
@@ -208,8 +265,9 @@ def main() -> None:
         print(json.dumps(runner(args, workload)))
         return
 
+    config = load_config(args.model)
     workload = make_workload(args.num_prompts, args.input_len, args.output_len,
-                             vocab_size_of(args.model), args.seed)
+                             config.vocab_size, args.seed)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     workload_path = RESULTS_DIR / f".workload_{os.getpid()}.json"
     workload_path.write_text(json.dumps(workload))
@@ -222,6 +280,7 @@ def main() -> None:
                          f"{args.output_len[1]} tokens, ignore_eos, seed {args.seed}"),
             "total_prompt_tokens": sum(len(w["prompt_token_ids"]) for w in workload),
             "total_output_tokens": sum(w["max_tokens"] for w in workload),
+            "gemm_floor": compute_floor(config, workload, args.dtype),
         }
         ours = run_child("pagedserve", args, workload_path)
         ours["output_tok_s"] = ours["output_tokens"] / ours["elapsed_s"]

@@ -86,7 +86,10 @@ class ModelRunner:
             init_dummy_weights(model, self.config.seed)
         else:
             model.load_weights(iterate_safetensors(model_dir, torch.float32))
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            model.pack_for_cpu()
+        return model
 
     # ---- KV cache -------------------------------------------------------------------
     def block_bytes(self) -> int:

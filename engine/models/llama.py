@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata
+from engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
 
 
 class RMSNorm(nn.Module):
@@ -98,13 +99,14 @@ class Attention(nn.Module):
     def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        # Queries and keys rotate together: one set of elementwise ops instead of two.
+        q, k = apply_rotary(qk, rope).split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.backend.forward(q, k, v, kv_cache, md, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -165,6 +167,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.packed_embedding: torch.Tensor | None = None  # tied head, packed by pack_for_cpu
         if self.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -180,8 +183,14 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return packed_linear(hidden, self.embed_tokens.weight, self.packed_embedding).float()
+
+    def pack_for_cpu(self) -> None:
+        """Pre-pack fp32 GEMM weights for MKL (see mkl_packed); a no-op elsewhere."""
+        if pack_linears(self) and self.lm_head is None:
+            self.packed_embedding = pack_weight(self.embed_tokens.weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into our (partly fused) parameters; every parameter must

@@ -97,3 +97,21 @@ def test_n_greedy_shares_prompt(tiny):
     llm, outs = run(path, prompts[6:9], n=3, block_size=4)
     check(outs, expected[6:9])
     assert all(len(o.outputs) == 3 for o in outs)
+
+
+def test_n_children_share_prompt_blocks(tiny):
+    path, prompts, _ = tiny
+    llm = LLM(model=str(path), skip_tokenizer_init=True, block_size=4)
+    engine = llm.llm_engine
+    prompt = prompts[7]  # 50 tokens: 12 full blocks
+    engine.add_request("r", {"prompt_token_ids": prompt},
+                       SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=4))
+    engine.step()
+    tables = [engine.kv_cache_manager.get_block_ids(f"r#{i}") for i in range(3)]
+    assert tables[0][:12] == tables[1][:12] == tables[2][:12]
+    assert len({t[12] for t in tables}) == 3  # the partial last block is each child's own
+    pool = engine.kv_cache_manager.block_pool
+    assert all(pool.blocks[b].ref_cnt == 3 for b in tables[0][:12])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_cache_manager.num_free_blocks == pool.num_blocks
