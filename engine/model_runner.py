@@ -62,6 +62,11 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.vocab_size = hf_config.vocab_size
+        if self.device.type == "cpu":
+            # Subnormal activations (softmax tails, SiLU of large negatives) made decode steps
+            # ~10x slower on x86; flushing them to zero changes no greedy token (the HF
+            # parity tests run with it). Process-wide, as the engine owns its process.
+            torch.set_flush_denormal(True)
 
         backend_name = config.attention_backend or "torch"
         num_heads = hf_config.num_attention_heads
@@ -111,10 +116,6 @@ class ModelRunner:
         return int(min(num_blocks, 2 * blocks_per_seq * max_num_seqs))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        if self.device.type == "cpu":
-            # Subnormal activations (softmax tails, SiLU of large negatives) make x86 math
-            # ~10x slower; flushing them to zero changes no greedy token.
-            torch.set_flush_denormal(True)
         # K and V apart ([2, ...], as vLLM's flash layout): a block's keys are one contiguous
         # run, which is what makes the CPU gather a memcpy.
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
