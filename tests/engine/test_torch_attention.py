@@ -28,7 +28,7 @@ def test_matches_reference(num_heads, num_kv_heads):
     seqs = [(0, 7), (10, 1), (37, 1), (3, 1), (0, 1), (5, 9), (120, 1), (13, 3), (64, 1)]
     kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
     perm = torch.randperm(num_blocks, generator=gen).tolist()  # random, large block ids
-    tables, slots, qsl, seq_lens, full_k, full_v = [], [], [0], [], [], []
+    tables, slots, qsl, seq_lens = [], [], [0], []
     for cached, new in seqs:
         total = cached + new
         blocks = [perm.pop() for _ in range(math.ceil(total / block_size))]
