@@ -4,6 +4,7 @@ runs the model once, and samples a token for each request whose prompt is fully 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +53,15 @@ def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.
     else:
         dtype = getattr(torch, config.dtype)
     return device, dtype
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # numpy's zeros come from calloc: the kernel hands out zero pages lazily, so a 4 GiB
+    # cache costs nothing until used (torch.zeros would touch every page: ~10 s at start).
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -120,10 +130,8 @@ class ModelRunner:
         # run, which is what makes the CPU gather a memcpy.
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         # Zeros, not empty: masked-out context slots are multiplied by 0 and must not be NaN.
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
-            for _ in range(self.hf_config.num_hidden_layers)
-        ]
+        self.kv_caches = [_zeros(shape, self.dtype, self.device)
+                          for _ in range(self.hf_config.num_hidden_layers)]
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                     num_blocks * self.block_bytes() / 2**20)
