@@ -1,0 +1,245 @@
+"""AsyncEngine: the LLMEngine loop on a background thread, for asyncio callers (the server).
+
+The LLMEngine is not thread-safe, so one thread owns it: the event loop sends it commands
+through a queue, and the thread hands each request's outputs to that request's asyncio.Queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, PromptType
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (max_waiting_requests); the server answers 503."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop died (its cause is chained) or was shut down."""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot for /metrics and /health; counts are sequences (n > 1 counts n)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks held by requests, 0..1
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens served from it
+    num_preemptions: int
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    """Where the engine thread delivers one request's outputs: a queue on the caller's loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    stream: _Stream
+    accepted: Future  # the result of add_request, for the caller
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+    stream: _Stream | None  # only abort if the id still belongs to this stream; None: any
+    done: Future | None
+
+
+@dataclass(slots=True)
+class _Stop:
+    abort_in_flight: bool
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, max_waiting_requests: int | None = None, *,
+                 engine: LLMEngine | None = None) -> None:
+        """`engine`: drive an LLMEngine already built (then `config` is not used)."""
+        if max_waiting_requests is not None and max_waiting_requests < 1:
+            raise ValueError(
+                f"max_waiting_requests must be >= 1 or None, got {max_waiting_requests}")
+        self.engine = engine if engine is not None else LLMEngine(config)
+        self.max_waiting_requests = max_waiting_requests
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # in-flight requests; the engine thread's own
+        self._dead: BaseException | None = None  # what killed the loop
+        self._closed = False
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine,
+                    max_waiting_requests: int | None = None) -> AsyncEngine:
+        return cls(engine.config, max_waiting_requests, engine=engine)
+
+    # ---- the event loop's side ------------------------------------------------------
+    async def generate(self, request_id: str, prompt: PromptType,
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yields the request's cumulative output each step it progresses; the last has
+        finished=True. Bad input raises from the first iteration. Closing or cancelling the
+        iterator aborts the request; use `contextlib.aclosing` so that a `break` closes it
+        at once rather than when it is garbage-collected."""
+        self._check_alive()
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        accepted: Future = Future()
+        self._commands.put(_Add(request_id, prompt, params, stream, accepted))
+        finished = False
+        try:
+            await asyncio.wrap_future(accepted)
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # client gone, timeout, or an error: the engine drops it
+                self._commands.put(_Abort(request_id, stream, None))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (its generate() ends with finish_reason "abort"); returns once
+        the engine has done so. Unknown ids are ignored."""
+        if self._closed or not self._thread.is_alive():
+            return
+        done: Future = Future()
+        self._commands.put(_Abort(request_id, None, done))
+        await asyncio.wrap_future(done)
+
+    def stats(self) -> EngineStats:
+        return self._stats  # replaced whole by the engine thread, never mutated
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and not self._closed and self._thread.is_alive()
+
+    async def shutdown(self, abort_in_flight: bool = True) -> None:
+        """Stop the loop thread: abort in-flight requests, or let them finish first."""
+        if not self._closed:
+            self._closed = True
+            self._commands.put(_Stop(abort_in_flight))
+        await asyncio.to_thread(self._thread.join)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop died: {self._dead!r}") from self._dead
+        if self._closed:
+            raise EngineDeadError("the engine is shut down")
+
+    # ---- the engine thread's side ---------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        while not (stopping and (self._dead is not None
+                             or not self.engine.has_unfinished_requests())):
+            busy = self._dead is None and self.engine.has_unfinished_requests()
+            commands = [] if busy else [self._commands.get()]  # sleep until there is work
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for command in commands:
+                try:
+                    stopping |= self._handle(command, stopping)
+                except Exception as exc:
+                    self._die(exc)
+            outputs = []
+            if self._dead is None and self.engine.has_unfinished_requests():
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:
+                    self._die(exc)
+            if self._dead is None:
+                self._stats = self._snapshot()  # before delivery: callers see it with the outputs
+            for output in outputs:
+                self._deliver(output)
+        logger.info("engine loop stopped")
+
+    def _handle(self, command: _Add | _Abort | _Stop, stopping: bool) -> bool:
+        """Run one command; True if it was the stop."""
+        if isinstance(command, _Add):
+            if not command.accepted.set_running_or_notify_cancel():
+                return False  # the caller went away before we got to it
+            try:
+                if self._dead is not None or stopping:
+                    self._check_alive()  # raises: stopping implies _closed
+                waiting = len(self.engine.scheduler.waiting)
+                if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+                    raise EngineOverloadedError(
+                        f"{waiting} requests are already waiting (max_waiting_requests="
+                        f"{self.max_waiting_requests}); try again later")
+                self.engine.add_request(command.request_id, command.prompt, command.params)
+            except Exception as exc:  # bad input is the caller's error, not the loop's
+                command.accepted.set_exception(exc)
+            else:
+                self._streams[command.request_id] = command.stream
+                command.accepted.set_result(None)
+        elif isinstance(command, _Abort):
+            stream = self._streams.get(command.request_id)
+            if self._dead is None and stream is not None and command.stream in (None, stream):
+                for output in self.engine.abort_request(command.request_id):
+                    self._deliver(output)
+            if command.done is not None and command.done.set_running_or_notify_cancel():
+                command.done.set_result(None)
+        else:
+            if command.abort_in_flight and self._dead is None:
+                for output in self.engine.abort_request(list(self._streams)):
+                    self._deliver(output)
+            return True
+        return False
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = (self._streams.pop if output.finished else self._streams.get)(output.request_id)
+        if stream is None:
+            return
+        for completion in output.outputs:
+            if completion.logprobs is not None:  # the engine keeps appending to its list
+                completion.logprobs = list(completion.logprobs)
+        stream.put(output)
+
+    def _die(self, cause: BaseException) -> None:
+        """Fail every in-flight request; from now on the thread only refuses commands."""
+        logger.error("the engine loop died; failing %d requests", len(self._streams),
+                     exc_info=cause)
+        self._dead = cause
+        for stream in self._streams.values():
+            error = EngineDeadError(f"the engine loop died: {cause!r}")
+            error.__cause__ = cause
+            stream.put(error)
+        self._streams.clear()
+
+    def _snapshot(self) -> EngineStats:
+        scheduler, kv = self.engine.scheduler, self.engine.kv_cache_manager
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_stats.queries,
+            prefix_cache_hits=kv.prefix_cache_stats.hits,
+            num_preemptions=scheduler.num_preemptions,
+        )
