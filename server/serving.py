@@ -1,0 +1,566 @@
+"""OpenAI chat and text completions over AsyncEngine: request -> prompt + SamplingParams ->
+engine outputs -> OpenAI JSON or SSE chunks. Knows no HTTP routing (see server/app.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+from server.metrics import ServerMetrics
+from server.protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorInfo,
+    ErrorResponse,
+    SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TopLogprob,
+    UsageInfo,
+    sampling_kwargs,
+)
+
+# JSON has no -inf; OpenAI and vLLM clamp to this.
+_MIN_LOGPROB = -9999.0
+
+
+class APIError(Exception):
+    """An error the client caused (or an overloaded/dead engine), in OpenAI's terms."""
+
+    def __init__(self, message: str, status_code: int = 400,
+                 type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status_code = message, status_code
+        self.type, self.param, self.code = type, param, code
+
+
+def error_body(error: APIError) -> dict:
+    """OpenAI's error JSON."""
+    return ErrorResponse(error=ErrorInfo(message=error.message, type=error.type,
+                                         param=error.param, code=error.code)).model_dump()
+
+
+def engine_error(exc: BaseException) -> APIError | None:
+    """The APIError for an exception out of AsyncEngine.generate, or None if it is a bug."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(str(exc), 503, "service_unavailable_error", code="engine_overloaded")
+    if isinstance(exc, EngineDeadError):
+        return APIError(str(exc), 500, "server_error", code="engine_dead")
+    if isinstance(exc, ValueError | TypeError):  # bad input, raised by add_request
+        match = re.search(r"SamplingParams\.(\w+)", str(exc))
+        return APIError(str(exc), param=match.group(1) if match else None)
+    return None
+
+
+async def merge_async_iterators(
+    *iterators: AsyncIterator[RequestOutput],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several engine streams as (stream index, output). Closing this closes
+    (and so aborts) all of them, also from inside a cancelled task (client disconnect)."""
+    if len(iterators) == 1:
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            with anyio.CancelScope(shield=True):
+                await iterators[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, it: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for item in it:
+                queue.put_nowait((i, item))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        finally:
+            await it.aclose()
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(iterators)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def _clamp(logprob: float) -> float:
+    return max(float(logprob), _MIN_LOGPROB)
+
+
+class OpenAIServing:
+    """Turns validated OpenAI requests into engine requests and engine outputs back."""
+
+    def __init__(self, async_engine: AsyncEngine, served_model_names: list[str],
+                 chat_template: str | None = None, metrics: ServerMetrics | None = None,
+                 ) -> None:
+        if not served_model_names:
+            raise ValueError("served_model_names must name at least one model")
+        self.async_engine = async_engine
+        self.served_model_names = list(served_model_names)
+        self.chat_template = chat_template
+        self.metrics = metrics
+        llm = async_engine.engine
+        self.tokenizer = llm.tokenizer
+        self.max_model_len = llm.max_model_len
+        self.vocab_size = llm.hf_config.vocab_size
+
+    # ---- shared helpers ---------------------------------------------------------------
+    def generate(self, request_id: str, prompt: dict,
+                 params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        outputs = self.async_engine.generate(request_id, prompt, params)
+        return self.metrics.track(outputs) if self.metrics is not None else outputs
+
+    def model_name(self, requested: str | None) -> str:
+        if requested is None:
+            return self.served_model_names[0]
+        if requested not in self.served_model_names:
+            raise APIError(
+                f"The model `{requested}` does not exist. Served models: "
+                f"{', '.join(self.served_model_names)}", 404, param="model",
+                code="model_not_found")
+        return requested
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise APIError(f"{what} needs a tokenizer, and this server runs without one")
+        return self.tokenizer
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        limit = self.max_model_len
+        if max_tokens is None and num_prompt_tokens >= limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"{param} has {num_prompt_tokens} tokens, which leaves no room for the "
+                f"completion. Please reduce the length of the {param}.",
+                param=param, code="context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in "
+                f"the {param}, {max_tokens} in the completion). Please reduce the length of "
+                f"the {param} or the completion.",
+                param=param, code="context_length_exceeded")
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(f"{param} token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                           param=param)
+
+    def sampling_params(self, request: SamplingRequest, **overrides: Any) -> SamplingParams:
+        kwargs = sampling_kwargs(request)
+        if request.logit_bias:
+            bias = {}
+            for key, value in request.logit_bias.items():
+                try:
+                    bias[int(key)] = value
+                except ValueError:
+                    raise APIError(f"logit_bias keys must be token ids, got {key!r}",
+                                   param="logit_bias") from None
+            self._check_token_ids(list(bias), "logit_bias")
+            kwargs["logit_bias"] = bias
+        if request.stop_token_ids:
+            self._check_token_ids(request.stop_token_ids, "stop_token_ids")
+        kwargs.update(overrides)
+        try:
+            return SamplingParams(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise engine_error(exc) from None
+
+    def token_str(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    async def _first(self, merged: AsyncIterator[tuple[int, RequestOutput]]):
+        """Await the first output before answering, so input errors get their status
+        code rather than an error inside a 200 stream."""
+        try:
+            return await merged.__anext__()
+        except StopAsyncIteration:
+            return None
+        except Exception as exc:
+            error = engine_error(exc)
+            if error is None:
+                raise
+            raise error from None
+
+    async def _collect(self, merged: AsyncIterator[tuple[int, RequestOutput]],
+                       count: int) -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * count
+        try:
+            async for i, output in merged:
+                finals[i] = output
+        except Exception as exc:
+            error = engine_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            await merged.aclose()
+        return finals
+
+    async def _stream(self, merged, first, chunks) -> AsyncIterator[str]:
+        """SSE framing around `chunks(outputs)`; a mid-stream error becomes an error event."""
+
+        async def outputs():
+            if first is not None:
+                yield first
+            async for item in merged:
+                yield item
+
+        try:
+            async for chunk in chunks(outputs()):
+                yield chunk
+        except Exception as exc:
+            error = engine_error(exc) or APIError(f"internal error: {exc!r}", 500, "server_error")
+            yield _sse(json.dumps(error_body(error)))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await merged.aclose()
+        yield _sse("[DONE]")
+
+    # ---- chat completions -------------------------------------------------------------
+    def render_chat(self, messages: list[ChatMessage],
+                    add_generation_prompt: bool) -> tuple[str, list[int]]:
+        """The chat template's text and its token ids."""
+        tokenizer = self._need_tokenizer("chat messages")
+        conversation = [{**(m.model_extra or {}), "role": m.role, "content": m.text()}
+                        for m in messages]
+        try:
+            text = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template)
+        except Exception as exc:  # no template, or the template rejected the messages
+            raise APIError(f"cannot apply the chat template: {exc}", param="messages") from None
+        # The template already holds the special tokens (BOS included, if any).
+        return text, tokenizer(text, add_special_tokens=False).input_ids
+
+    async def chat(self, request: ChatCompletionRequest):
+        model = self.model_name(request.model)
+        text, prompt_ids = self.render_chat(request.messages, request.add_generation_prompt)
+        max_tokens = (request.max_completion_tokens if request.max_completion_tokens is not None
+                      else request.max_tokens)
+        self.check_length(len(prompt_ids), max_tokens, "messages")
+        top_n = request.top_logprobs or 0
+        params = self.sampling_params(request, max_tokens=max_tokens,
+                                      logprobs=top_n if request.logprobs else None)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        merged = merge_async_iterators(self.generate(
+            request_id, {"prompt": text, "prompt_token_ids": prompt_ids}, params))
+        if not request.stream:
+            (final,) = await self._collect(merged, 1)
+            return JSONResponse(self._chat_response(request_id, model, final, top_n)
+                                .model_dump(mode="json"))
+        first = await self._first(merged)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        chunks = lambda outputs: self._chat_chunks(  # noqa: E731
+            outputs, request_id, model, request.n, len(prompt_ids), include_usage,
+            request.logprobs, top_n)
+        return StreamingResponse(self._stream(merged, first, chunks),
+                                 media_type="text/event-stream")
+
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, Logprob]],
+                       top_n: int) -> ChatChoiceLogprobs:
+        content = []
+        for token_id, entry in zip(token_ids, logprobs):
+            top = sorted((lp.rank, t, lp) for t, lp in entry.items()
+                         if lp.rank is not None and lp.rank <= top_n)
+            token = self.token_str(token_id)
+            content.append(ChatTokenLogprob(
+                token=token, logprob=_clamp(entry[token_id]), bytes=list(token.encode()),
+                top_logprobs=[TopLogprob(token=(s := self.token_str(t)), logprob=_clamp(lp),
+                                         bytes=list(s.encode())) for _, t, lp in top]))
+        return ChatChoiceLogprobs(content=content)
+
+    def _chat_response(self, request_id: str, model: str, final: RequestOutput,
+                       top_n: int) -> ChatCompletionResponse:
+        choices = []
+        for out in final.outputs:
+            choices.append(ChatChoice(
+                index=out.index, message=ChatResponseMessage(content=out.text),
+                logprobs=(self._chat_logprobs(out.token_ids, out.logprobs, top_n)
+                          if out.logprobs is not None else None),
+                finish_reason=out.finish_reason, stop_reason=out.stop_reason))
+        num_generated = sum(len(out.token_ids) for out in final.outputs)
+        usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids),
+                          completion_tokens=num_generated,
+                          total_tokens=len(final.prompt_token_ids) + num_generated)
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+    async def _chat_chunks(self, outputs, request_id: str, model: str, n: int,
+                           num_prompt_tokens: int, include_usage: bool, want_logprobs: bool,
+                           top_n: int) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return _sse(ChatCompletionChunk(id=request_id, created=created, model=model,
+                                            choices=choices, usage=usage).model_dump_json())
+
+        for i in range(n):
+            yield chunk([ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})])
+        sent_text, sent_tokens = [""] * n, [0] * n
+        num_generated = [0] * n
+        async for _, output in outputs:
+            for out in output.outputs:
+                i = out.index
+                if sent_tokens[i] < 0:
+                    continue  # already finished
+                delta = self._delta(out, sent_text[i], sent_tokens[i], want_logprobs)
+                num_generated[i] = len(out.token_ids)
+                if delta is None:
+                    continue
+                text, num_tokens = delta
+                logprobs = None
+                if want_logprobs:
+                    logprobs = self._chat_logprobs(out.token_ids[sent_tokens[i]:num_tokens],
+                                                   out.logprobs[sent_tokens[i]:num_tokens],
+                                                   top_n)
+                yield chunk([ChatStreamChoice(
+                    index=i, delta={"content": text} if text else {}, logprobs=logprobs,
+                    finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
+                sent_text[i] += text
+                sent_tokens[i] = -1 if out.finish_reason is not None else num_tokens
+        if include_usage:
+            total = sum(num_generated)
+            yield chunk([], UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=total,
+                                      total_tokens=num_prompt_tokens + total))
+
+    @staticmethod
+    def _delta(out: CompletionOutput, sent_text: str, sent_tokens: int,
+               want_logprobs: bool) -> tuple[str, int] | None:
+        """New text and the token count it covers, or None when there is nothing to send."""
+        num_tokens = len(out.token_ids)
+        if want_logprobs and out.logprobs is not None:
+            num_tokens = min(num_tokens, len(out.logprobs))
+        text = out.text[len(sent_text):]
+        if not text and out.finish_reason is None and not (want_logprobs
+                                                           and num_tokens > sent_tokens):
+            return None
+        return text, num_tokens
+
+    # ---- tokenizer endpoints ----------------------------------------------------------
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        self.model_name(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError("give exactly one of prompt and messages", param="prompt")
+        if request.messages is not None:
+            _, ids = self.render_chat(request.messages, request.add_generation_prompt)
+        else:
+            tokenizer = self._need_tokenizer("tokenize")
+            ids = tokenizer(request.prompt,
+                            add_special_tokens=request.add_special_tokens).input_ids
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self.model_name(request.model)
+        self._check_token_ids(request.tokens, "tokens")
+        return DetokenizeResponse(prompt=self._need_tokenizer("detokenize").decode(request.tokens))
+
+    # ---- text completions -------------------------------------------------------------
+    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError("prompt must not be empty", param="prompt")
+        prompts = []
+        for p in prompt:
+            if isinstance(p, str):
+                ids = self._need_tokenizer("text prompts")(p).input_ids
+                prompts.append((p, ids))
+            else:
+                if not p:
+                    raise APIError("prompt must not be empty", param="prompt")
+                self._check_token_ids(p, "prompt")
+                prompts.append((None, list(p)))
+        return prompts
+
+    async def completion(self, request: CompletionRequest):
+        model = self.model_name(request.model)
+        if request.suffix is not None:
+            raise APIError("suffix is not supported by this server", param="suffix")
+        if request.best_of is not None and request.best_of != request.n:
+            raise APIError("best_of other than n is not supported by this server",
+                           param="best_of")
+        prompts = self._completion_prompts(request.prompt)
+        for _, ids in prompts:
+            self.check_length(len(ids), request.max_tokens, "prompt")
+        echo_logprobs = request.echo and request.logprobs is not None
+        params = self.sampling_params(
+            request, max_tokens=request.max_tokens, logprobs=request.logprobs,
+            prompt_logprobs=request.logprobs if echo_logprobs else None)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        generators = []
+        for i, (text, ids) in enumerate(prompts):
+            engine_prompt = {"prompt_token_ids": ids}
+            if text is not None:
+                engine_prompt["prompt"] = text
+            generators.append(self.generate(f"{request_id}-{i}", engine_prompt,
+                                                         params))
+        merged = merge_async_iterators(*generators)
+        echo_texts = [self._echo_text(text, ids) if request.echo else ""
+                      for text, ids in prompts]
+        if not request.stream:
+            finals = await self._collect(merged, len(prompts))
+            return JSONResponse(self._completion_response(
+                request_id, model, finals, request, echo_texts).model_dump(mode="json"))
+        first = await self._first(merged)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        chunks = lambda outputs: self._completion_chunks(  # noqa: E731
+            outputs, request_id, model, request, prompts, echo_texts, include_usage)
+        return StreamingResponse(self._stream(merged, first, chunks),
+                                 media_type="text/event-stream")
+
+    def _echo_text(self, text: str | None, ids: list[int]) -> str:
+        if text is not None:
+            return text
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _completion_logprobs(self, token_ids: list[int],
+                             logprobs: list[dict[int, Logprob] | None], top_n: int,
+                             offset: int, into: CompletionLogprobs | None = None,
+                             ) -> CompletionLogprobs:
+        result = into or CompletionLogprobs()
+        for token_id, entry in zip(token_ids, logprobs):
+            token = self.token_str(token_id)
+            result.tokens.append(token)
+            result.text_offset.append(offset)
+            offset += len(token)
+            if entry is None:  # the first prompt token has no logprob
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            result.token_logprobs.append(_clamp(entry[token_id]))
+            result.top_logprobs.append({
+                self.token_str(t): _clamp(lp) for t, lp in entry.items()
+                if t == token_id or (lp.rank is not None and lp.rank <= top_n)})
+        return result
+
+    def _completion_choice(self, index: int, out: CompletionOutput, final: RequestOutput,
+                           request: CompletionRequest, echo_text: str,
+                           ) -> CompletionChoice:
+        logprobs = None
+        if request.logprobs is not None and out.logprobs is not None:
+            logprobs = CompletionLogprobs()
+            if request.echo and final.prompt_logprobs is not None:
+                self._completion_logprobs(final.prompt_token_ids, final.prompt_logprobs,
+                                          request.logprobs, 0, logprobs)
+            offset = len(echo_text)
+            self._completion_logprobs(out.token_ids, out.logprobs, request.logprobs, offset,
+                                      logprobs)
+        return CompletionChoice(index=index, text=echo_text + out.text, logprobs=logprobs,
+                                finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+
+    def _completion_response(self, request_id: str, model: str, finals: list[RequestOutput],
+                             request: CompletionRequest, echo_texts: list[str],
+                             ) -> CompletionResponse:
+        choices = []
+        num_prompt = num_generated = 0
+        for p, final in enumerate(finals):
+            num_prompt += len(final.prompt_token_ids)
+            for out in final.outputs:
+                num_generated += len(out.token_ids)
+                choices.append(self._completion_choice(p * request.n + out.index, out, final,
+                                                       request, echo_texts[p]))
+        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                          total_tokens=num_prompt + num_generated)
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+    async def _completion_chunks(self, outputs, request_id: str, model: str,
+                                 request: CompletionRequest, prompts, echo_texts: list[str],
+                                 include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        n = request.n
+        want_logprobs = request.logprobs is not None
+
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+            return _sse(CompletionResponse(id=request_id, created=created, model=model,
+                                           choices=choices, usage=usage).model_dump_json())
+
+        total = len(prompts) * n
+        sent_text, sent_tokens = [""] * total, [0] * total
+        num_generated = [0] * total
+        echoed = [not request.echo] * total
+        text_offset = [len(echo_texts[i // n]) for i in range(total)]
+        async for p, output in outputs:
+            for out in output.outputs:
+                i = p * n + out.index
+                if sent_tokens[i] < 0:
+                    continue
+                if not echoed[i]:
+                    echoed[i] = True
+                    logprobs = None
+                    if want_logprobs and output.prompt_logprobs is not None:
+                        logprobs = self._completion_logprobs(
+                            output.prompt_token_ids, output.prompt_logprobs, request.logprobs, 0)
+                    yield chunk([CompletionChoice(index=i, text=echo_texts[p],
+                                                  logprobs=logprobs)])
+                delta = self._delta(out, sent_text[i], sent_tokens[i], want_logprobs)
+                num_generated[i] = len(out.token_ids)
+                if delta is None:
+                    continue
+                text, num_tokens = delta
+                logprobs = None
+                if want_logprobs:
+                    logprobs = self._completion_logprobs(
+                        out.token_ids[sent_tokens[i]:num_tokens],
+                        out.logprobs[sent_tokens[i]:num_tokens], request.logprobs,
+                        text_offset[i])
+                    text_offset[i] += sum(len(t) for t in logprobs.tokens)
+                yield chunk([CompletionChoice(index=i, text=text, logprobs=logprobs,
+                                              finish_reason=out.finish_reason,
+                                              stop_reason=out.stop_reason)])
+                sent_text[i] += text
+                sent_tokens[i] = -1 if out.finish_reason is not None else num_tokens
+        if include_usage:
+            num_prompt = sum(len(ids) for _, ids in prompts)
+            generated = sum(num_generated)
+            yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=generated,
+                                      total_tokens=num_prompt + generated))
+

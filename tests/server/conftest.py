@@ -1,0 +1,84 @@
+"""A real uvicorn server on a free 127.0.0.1 port, in a background thread, over a tiny
+random-weight model with the embedded model's tokenizer (so text endpoints work)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from tests.tiny_models import build_tiny_model
+
+MODEL_NAME = "tiny"
+ALIAS = "tiny-alias"
+MAX_MODEL_LEN = 256
+
+
+@dataclass
+class RunningServer:
+    base_url: str  # e.g. http://127.0.0.1:PORT
+    async_engine: object
+    server: object
+    thread: threading.Thread
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(app, async_engine) -> RunningServer:
+    import uvicorn
+
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    return RunningServer(f"http://127.0.0.1:{port}", async_engine, server, thread)
+
+
+def stop_server(running: RunningServer) -> None:
+    running.server.should_exit = True
+    running.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-server"), "llama", vocab_size=49152,
+                            max_position_embeddings=MAX_MODEL_LEN)
+
+
+def make_async_engine(model_dir, **engine_overrides):
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+    from engine.loader.resolve import resolve_model
+
+    config = EngineConfig(model=str(model_dir), tokenizer=str(resolve_model(None)),
+                          max_num_seqs=16, max_num_batched_tokens=256,
+                          kv_cache_memory=8 << 20, **engine_overrides)
+    return AsyncEngine(config)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    from server.app import build_app
+
+    async_engine = make_async_engine(tiny_model_dir)
+    app = build_app(async_engine, [MODEL_NAME, ALIAS])
+    running = start_server(app, async_engine)
+    yield running
+    stop_server(running)
