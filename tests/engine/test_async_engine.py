@@ -9,31 +9,17 @@ import random
 import threading
 
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
 from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from engine.config import EngineConfig
-from tests.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_MODEL_LEN = 64
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 _request_ids = itertools.count()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny-model ops gain nothing from threads, and spin-waiting threads slow a busy machine.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 def make_config(tiny_dir, **overrides) -> EngineConfig:

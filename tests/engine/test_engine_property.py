@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
-from tests.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_PROMPT_TOKENS = 40
 MAX_TOKENS = 8
@@ -21,21 +22,6 @@ NEAR_TIE_LOGPROB_GAP = 1e-3
 # overflow 24 blocks, so random runs preempt; 16 tokens a step chunks long prompts.
 ENGINE_KWARGS = dict(block_size=4, num_gpu_blocks_override=24, max_num_batched_tokens=16,
                      max_num_seqs=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny-model ops are too small to gain from threads, and on a busy machine the second
-    # thread's spin-waits make each step ~20x slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

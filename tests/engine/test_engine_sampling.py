@@ -10,7 +10,8 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.outputs import RequestOutput
-from tests.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_MODEL_LEN = 64
 LOGPROB_ATOL = 2e-3  # fp32, different op order than HF (fused projections, SDPA over pages)
@@ -18,21 +19,6 @@ SEEDED = dict(temperature=1.0, top_p=0.9, max_tokens=12, ignore_eos=True)
 EOS_TOKEN_ID = 2  # tests.tiny_models
 
 _request_ids = itertools.count()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny-model ops are too small to gain from threads, and on a busy machine the second
-    # thread's spin-waits make each step ~20x slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import pytest
 from engine import LLM, SamplingParams
 from tests.tiny_models import build_tiny_model, hf_greedy
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_TOKENS = 10
 LOGPROB_ATOL = 2e-3  # fp32, different op order than HF (fused projections, SDPA over pages)
 PROMPT_LENS = [1, 3, 7, 16, 17, 31, 33, 50, 64, 5]
