@@ -18,18 +18,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
+from engine.embedding import AsyncEmbeddingEngine
 from server.metrics import ServerMetrics
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.serving import APIError, OpenAIServing, error_body
+from server.serving import APIError, OpenAIServing, OpenAIServingEmbedding, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -160,16 +162,22 @@ class BodySizeLimitMiddleware:
 
 def build_app(async_engine: AsyncEngine, served_model_names: list[str],
               api_key: str | None = None, chat_template: str | None = None, *,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The OpenAI-compatible app over a running AsyncEngine; shuts the engine down when the
-    app stops (its lifespan)."""
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              embedding_engine: AsyncEmbeddingEngine | None = None,
+              embedding_model_name: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app over a running AsyncEngine (and, for /v1/embeddings, an
+    AsyncEmbeddingEngine); shuts them down when the app stops (its lifespan)."""
     metrics = ServerMetrics(async_engine)
     serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics)
+    serving_embedding = OpenAIServingEmbedding(embedding_engine, embedding_model_name,
+                                               served_model_names)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await async_engine.shutdown()
+        if embedding_engine is not None:
+            await asyncio.to_thread(embedding_engine.shutdown)
 
     app = FastAPI(title="pagedserve", version=_package_version(), lifespan=lifespan)
     app.state.serving = serving
@@ -203,12 +211,20 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
     async def completions(request: CompletionRequest, raw_request: Request):
         return await cancel_on_disconnect(raw_request, serving.completion(request))
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: EmbeddingRequest, raw_request: Request):
+        return await cancel_on_disconnect(raw_request, serving_embedding.embed(request))
+
     @app.get("/v1/models")
     async def models() -> ModelList:
         root = str(getattr(async_engine.engine, "model_dir", "") or "") or None
-        return ModelList(data=[ModelCard(id=name, root=root,
-                                         max_model_len=serving.max_model_len)
-                               for name in served_model_names])
+        cards = [ModelCard(id=name, root=root, max_model_len=serving.max_model_len)
+                 for name in served_model_names]
+        if embedding_engine is not None:
+            cards.append(ModelCard(id=serving_embedding.model_name,
+                                   root=str(embedding_engine.engine.model_dir),
+                                   max_model_len=embedding_engine.max_seq_length))
+        return ModelList(data=cards)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:

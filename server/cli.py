@@ -111,6 +111,30 @@ def read_chat_template(value: str | None) -> str | None:
     return value
 
 
+def load_embedding_engine(args: argparse.Namespace, logger: logging.Logger):
+    """The AsyncEmbeddingEngine for /v1/embeddings, or None: --no-embedding-model, or no
+    --embedding-model and the embedded MiniLM package is not installed (a warning, not an
+    error: chat still works). An explicit --embedding-model that fails to load is fatal."""
+    if args.no_embedding_model:
+        return None
+    import torch
+
+    from engine.embedding import AsyncEmbeddingEngine, EmbeddingEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.embedding_model is None:
+        try:
+            engine = EmbeddingEngine(device=device)
+        except FileNotFoundError as exc:
+            logger.warning("/v1/embeddings is disabled: %s", exc)
+            return None
+    else:
+        engine = EmbeddingEngine(args.embedding_model, device=device)
+    logger.info("Embedding model %s (%s, dim %d) serves /v1/embeddings", engine.name,
+                engine.model_dir, engine.dim)
+    return AsyncEmbeddingEngine(engine)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -123,7 +147,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
     async_engine = AsyncEngine(EngineConfig(**engine_kwargs(args)),
                                max_waiting_requests=args.max_waiting_requests)
-    app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template)
+    embedding_engine = load_embedding_engine(args, logger)
+    app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
+                    embedding_engine=embedding_engine)
     logger.info("Serving %s (max_model_len=%d) on http://%s:%d/v1%s", ", ".join(names),
                    async_engine.engine.max_model_len, args.host, args.port,
                    " (API key required)" if args.api_key else "")
@@ -168,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None,
                        help="a Jinja chat template (file path or the template itself) "
                             "instead of the tokenizer's")
+    serve.add_argument("--embedding-model", default=None, metavar="PATH",
+                       help="sentence-transformers HF directory to serve on /v1/embeddings "
+                            "(default: the embedded all-MiniLM-L6-v2, if installed)")
+    serve.add_argument("--no-embedding-model", action="store_true",
+                       help="serve no embedding model (/v1/embeddings answers 404)")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds in-flight requests get to finish on SIGTERM before "
                             "they are aborted")

@@ -217,6 +217,34 @@ def sampling_kwargs(request: SamplingRequest) -> dict[str, Any]:
     return kwargs
 
 
+# ---- embeddings ----------------------------------------------------------------------
+class EmbeddingRequest(OpenAIBaseModel):
+    # list[int] before list[str] would not matter: pydantic's smart union takes exact matches.
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None  # None: the served embedding model
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class EmbeddingData(OpenAIBaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(OpenAIBaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
 # ---- tokenizer endpoints (vLLM's shapes) ---------------------------------------------
 class TokenizeRequest(OpenAIBaseModel):
     model: str | None = None

@@ -4,6 +4,7 @@ engine outputs -> OpenAI JSON or SSE chunks. Knows no HTTP routing (see server/a
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -15,6 +16,7 @@ import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from engine.embedding import AsyncEmbeddingEngine, InputTooLongError
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
 from server.metrics import ServerMetrics
@@ -34,6 +36,10 @@ from server.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ErrorInfo,
     ErrorResponse,
     SamplingRequest,
@@ -564,3 +570,73 @@ class OpenAIServing:
             yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=generated,
                                       total_tokens=num_prompt + generated))
 
+
+
+# OpenAI's cap on inputs in one embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class OpenAIServingEmbedding:
+    """/v1/embeddings over an AsyncEmbeddingEngine; with none, every request is a clear 404."""
+
+    def __init__(self, engine: AsyncEmbeddingEngine | None, model_name: str | None = None,
+                 chat_model_names: list[str] | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name or (engine.name if engine is not None else None)
+        self.chat_model_names = list(chat_model_names or [])
+
+    def _check_model(self, requested: str | None) -> str:
+        if self.engine is None:
+            raise APIError("This server serves no embedding model (start it with "
+                           "--embedding-model PATH, and without --no-embedding-model)",
+                           404, param="model", code="model_not_found")
+        if requested is None or requested == self.model_name:
+            return self.model_name
+        why = ("is a chat/completions model" if requested in self.chat_model_names
+               else "does not exist")
+        raise APIError(f"The model `{requested}` {why}. The embedding model served here is "
+                       f"`{self.model_name}`", 404, param="model", code="model_not_found")
+
+    @staticmethod
+    def _inputs(value) -> list[str] | list[list[int]]:
+        if isinstance(value, str):
+            inputs = [value]
+        elif value and all(isinstance(x, int) for x in value):
+            inputs = [value]  # one input given as token ids
+        else:
+            inputs = list(value)
+        if not inputs:
+            raise APIError("input must not be empty", param="input")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise APIError(f"input has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} "
+                           "are allowed in one request", param="input")
+        empty = [i for i, x in enumerate(inputs) if len(x) == 0]
+        if empty:
+            raise APIError(f"input[{empty[0]}] is empty; every input must have text or tokens",
+                           param="input")
+        return inputs
+
+    async def embed(self, request: EmbeddingRequest) -> JSONResponse:
+        model = self._check_model(request.model)
+        if request.dimensions is not None and request.dimensions != self.engine.dim:
+            raise APIError(f"dimensions={request.dimensions} is not supported: `{model}` only "
+                           f"gives {self.engine.dim}-dimensional embeddings (omit dimensions, "
+                           f"or send {self.engine.dim})", param="dimensions")
+        inputs = self._inputs(request.input)
+        try:
+            vectors, counts = await self.engine.embed(inputs)
+        except InputTooLongError as exc:
+            raise APIError(str(exc), param="input", code="context_length_exceeded") from None
+        except ValueError as exc:  # bad token ids and the like
+            raise APIError(str(exc), param="input") from None
+        if request.encoding_format == "base64":  # what the openai SDK asks for by default
+            little_endian = vectors.numpy().astype("<f4", copy=False)
+            embeddings = [base64.b64encode(row.tobytes()).decode("ascii")
+                          for row in little_endian]
+        else:
+            embeddings = vectors.tolist()
+        num_tokens = sum(counts)
+        response = EmbeddingResponse(
+            data=[EmbeddingData(index=i, embedding=e) for i, e in enumerate(embeddings)],
+            model=model, usage=EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))
+        return JSONResponse(response.model_dump(mode="json"))

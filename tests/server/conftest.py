@@ -1,5 +1,6 @@
 """A real uvicorn server on a free 127.0.0.1 port, in a background thread, over a tiny
-random-weight model with the embedded model's tokenizer (so text endpoints work)."""
+random-weight model with the embedded model's tokenizer (so text endpoints work); the
+`server_with_embeddings` one also serves the embedded all-MiniLM-L6-v2."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tests.tiny_models import build_tiny_model
 
 MODEL_NAME = "tiny"
 ALIAS = "tiny-alias"
+EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_MODEL_LEN = 256
 
 
@@ -79,6 +81,27 @@ def server(tiny_model_dir):
 
     async_engine = make_async_engine(tiny_model_dir)
     app = build_app(async_engine, [MODEL_NAME, ALIAS])
+    running = start_server(app, async_engine)
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def embedding_engine():
+    from engine.embedding import EmbeddingEngine
+
+    return EmbeddingEngine()  # the embedded all-MiniLM-L6-v2, loaded once (~2 s)
+
+
+@pytest.fixture(scope="module")
+def server_with_embeddings(tiny_model_dir, embedding_engine):
+    from engine.embedding import AsyncEmbeddingEngine
+    from server.app import build_app
+
+    async_engine = make_async_engine(tiny_model_dir)
+    app = build_app(async_engine, [MODEL_NAME, ALIAS],
+                    embedding_engine=AsyncEmbeddingEngine(embedding_engine),
+                    embedding_model_name=EMBEDDING_MODEL_NAME)
     running = start_server(app, async_engine)
     yield running
     stop_server(running)
