@@ -29,6 +29,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop died (its cause is chained) or was shut down."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request failed inside the engine; the engine and other requests carry on."""
+
+
 @dataclass(slots=True)
 class EngineStats:
     """A snapshot for /metrics and /health; counts are sequences (n > 1 counts n)."""
@@ -117,6 +121,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(f"request {request_id} failed: {item.error}")
                 yield item
         finally:
             if not finished:  # client gone, timeout, or an error: the engine drops it

@@ -209,6 +209,9 @@ class LLMEngine:
         outputs = []
         for parent_id in touched:
             parent = self._parents[parent_id]
+            if any(c.error for c in parent.children):
+                # A failed sequence fails its whole user request (its siblings too).
+                self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ABORTED)
             outputs.append(self._make_output(parent))
             if all(c.is_finished for c in parent.children):
                 self._forget(parent)
@@ -230,13 +233,18 @@ class LLMEngine:
         finished: list[tuple[Request, RequestStatus]] = []
         for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             req = self._requests[req_id]
-            req.append_token(token_id)
-            if result.sampled_logprobs is not None:
-                self._record_logprobs(req, token_id, i, result)
-            status = self._check_stop(req, token_id)
+            touched[self._parent_of[req_id]] = None
+            try:
+                req.append_token(token_id)
+                if result.sampled_logprobs is not None:
+                    self._record_logprobs(req, token_id, i, result)
+                status = self._check_stop(req, token_id)
+            except Exception as exc:  # one request's failure must not take the batch down
+                logger.exception("request %s failed while processing its output", req_id)
+                req.error = f"{type(exc).__name__}: {exc}"
+                status = RequestStatus.FINISHED_ERROR
             if status is not None:
                 finished.append((req, status))
-            touched[self._parent_of[req_id]] = None
         for req, status in finished:
             self.scheduler.finish_requests([req], status)
         return touched
@@ -277,7 +285,7 @@ class LLMEngine:
         for index, req in enumerate(parent.children):
             finished = req.is_finished
             text = ""
-            if req.detokenizer is not None:
+            if req.detokenizer is not None and req.error is None:
                 text = req.detokenizer.get_next_output_text(finished, delta=False)
             completions.append(CompletionOutput(
                 index=index,
@@ -298,6 +306,7 @@ class LLMEngine:
             outputs=completions,
             finished=all(c.is_finished for c in parent.children),
             num_cached_tokens=first.num_cached_tokens,
+            error=next((c.error for c in parent.children if c.error), None),
         )
 
     def _forget(self, parent: _UserRequest) -> None:

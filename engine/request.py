@@ -22,6 +22,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6  # this request's processing raised; the rest of the batch goes on
 
     @property
     def finished(self) -> bool:
@@ -32,6 +33,7 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -42,7 +44,7 @@ class Request:
         "request_id", "prompt_token_ids", "sampling_params", "arrival_time", "max_tokens",
         "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status", "block_ids",
         "generator", "detokenizer", "logprobs", "cumulative_logprob", "prompt_logprobs",
-        "stop_reason", "num_preemptions",
+        "stop_reason", "num_preemptions", "error",
     )
 
     def __init__(
@@ -74,6 +76,7 @@ class Request:
         )
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.error: str | None = None  # set with FINISHED_ERROR
 
     @property
     def num_prompt_tokens(self) -> int:

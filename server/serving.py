@@ -15,7 +15,12 @@ from typing import Any
 import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+)
 from engine.embedding import AsyncEmbeddingEngine, InputTooLongError
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -79,6 +84,8 @@ def engine_error(exc: BaseException) -> APIError | None:
         return APIError(str(exc), 503, "service_unavailable_error", code="engine_overloaded")
     if isinstance(exc, EngineDeadError):
         return APIError(str(exc), 500, "server_error", code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        return APIError(str(exc), 500, "server_error", code="request_failed")
     if isinstance(exc, ValueError | TypeError):  # bad input, raised by add_request
         match = re.search(r"SamplingParams\.(\w+)", str(exc))
         return APIError(str(exc), param=match.group(1) if match else None)

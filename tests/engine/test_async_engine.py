@@ -260,3 +260,36 @@ def test_shutdown_joins_the_thread(tiny_dir, abort_in_flight):
     assert not engine.is_healthy
     assert not engine._thread.is_alive()
     assert_pool_full(engine)
+
+
+def test_one_failing_request_does_not_stop_the_others(tiny_dir, monkeypatch):
+    """A request whose output processing raises fails alone; the engine stays healthy."""
+    from engine.async_engine import RequestFailedError
+
+    async def main():
+        async_engine = AsyncEngine(make_config(tiny_dir))
+        engine = async_engine.engine
+        original = engine._check_stop
+
+        def check_stop(req, token_id):
+            if req.request_id == "bad" and req.num_output_tokens == 2:
+                raise RuntimeError("boom")
+            return original(req, token_id)
+
+        monkeypatch.setattr(engine, "_check_stop", check_stop)
+
+        async def run(request_id):
+            params = SamplingParams(max_tokens=6, **GREEDY)
+            outs = [o async for o in async_engine.generate(request_id, [5, 6, 7], params)]
+            return outs[-1]
+
+        results = await asyncio.gather(run("bad"), run("good"), return_exceptions=True)
+        assert isinstance(results[0], RequestFailedError) and "boom" in str(results[0])
+        assert results[1].outputs[0].finish_reason == "length"
+        assert len(results[1].outputs[0].token_ids) == 6
+        assert async_engine.is_healthy
+        await async_engine.shutdown()
+        pool = engine.kv_cache_manager.block_pool
+        assert engine.kv_cache_manager.num_free_blocks == pool.num_blocks
+
+    asyncio.run(main())

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from engine.async_engine import EngineDeadError, EngineOverloadedError
+from engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
 from server.app import build_app
 from tests.server.conftest import MODEL_NAME
 
@@ -51,6 +51,7 @@ def test_api_key_guards_v1_only(server):
 @pytest.mark.parametrize("error, status, code", [
     (EngineOverloadedError("10 requests are already waiting"), 503, "engine_overloaded"),
     (EngineDeadError("the engine loop died"), 500, "engine_dead"),
+    (RequestFailedError("request x failed: RuntimeError"), 500, "request_failed"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_engine_errors_map_to_status(llm, error, status, code, stream):
