@@ -18,7 +18,9 @@ class EngineConfig:
     load_format: str = "auto"  # dummy: random weights at the config's shapes
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
+    # Token budget of one step; None: 2048 on GPU, 512 on CPU, where a 2048-token step takes
+    # seconds and every running stream would wait that long for its next token.
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None  # force the KV cache size in blocks (any device)
@@ -37,6 +39,8 @@ class EngineConfig:
             )
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
+            if value is None and name == "max_num_batched_tokens":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.block_size & (self.block_size - 1):

@@ -97,13 +97,18 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len)
+                                   self._token_budget(), self.max_model_len)
         self._requests: dict[str, Request] = {}  # sequence id -> sequence
         self._parents: dict[str, _UserRequest] = {}  # user request id -> its sequences
         self._parent_of: dict[str, str] = {}
         logger.info("Engine ready in %.1fs: %s on %s (%s), max_model_len=%d",
                     time.perf_counter() - start, model_dir, self.model_runner.device,
                     self.model_runner.dtype, self.max_model_len)
+
+    def _token_budget(self) -> int:
+        if self.config.max_num_batched_tokens is not None:
+            return self.config.max_num_batched_tokens
+        return 2048 if self.model_runner.device.type == "cuda" else 512
 
     def _resolve_max_model_len(self) -> int:
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048

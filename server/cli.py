@@ -22,8 +22,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=128,
                         help="most sequences in one batch")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                        help="token budget of one step (prefill chunks + decodes)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one step, prefill chunks + decodes "
+                             "(default: 512 on CPU, 2048 on GPU)")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
     parser.add_argument("--kv-cache-memory", type=int, default=None,
                         help="CPU KV cache budget in bytes (default 4 GiB)")
