@@ -34,4 +34,8 @@ def get_attention_backend(name: str, num_heads: int, num_kv_heads: int):
         from engine.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend(num_heads, num_kv_heads)
-    raise ValueError(f"unknown attention backend {name!r}; available: 'torch'")
+    if name == "triton":
+        from engine.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(num_heads, num_kv_heads)
+    raise ValueError(f"unknown attention backend {name!r}; available: 'torch', 'triton'")
