@@ -59,6 +59,35 @@ from server.protocol import (
 _MIN_LOGPROB = -9999.0
 
 
+class _ChoiceStream:
+    """What one streamed choice has sent so far, given cumulative engine outputs."""
+
+    __slots__ = ("sent_text", "sent_tokens", "num_generated", "finished")
+
+    def __init__(self) -> None:
+        self.sent_text, self.sent_tokens, self.num_generated = "", 0, 0
+        self.finished = False
+
+    def advance(self, out: CompletionOutput, want_logprobs: bool) -> tuple[str, int, int] | None:
+        """(new text, first token, end token) to send now, marked as sent; None when there
+        is nothing new or the choice already finished."""
+        if self.finished:
+            return None
+        self.num_generated = len(out.token_ids)
+        end = self.num_generated
+        if want_logprobs and out.logprobs is not None:
+            end = min(end, len(out.logprobs))
+        text = out.text[len(self.sent_text):]
+        if not text and out.finish_reason is None and not (want_logprobs
+                                                           and end > self.sent_tokens):
+            return None
+        start = self.sent_tokens
+        self.sent_text += text
+        self.sent_tokens = end
+        self.finished = out.finish_reason is not None
+        return text, start, end
+
+
 class APIError(Exception):
     """An error the client caused (or an overloaded/dead engine), in OpenAI's terms."""
 
@@ -356,45 +385,25 @@ class OpenAIServing:
 
         for i in range(n):
             yield chunk([ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})])
-        sent_text, sent_tokens = [""] * n, [0] * n
-        num_generated = [0] * n
+        streams = [_ChoiceStream() for _ in range(n)]
         async for _, output in outputs:
             for out in output.outputs:
-                i = out.index
-                if sent_tokens[i] < 0:
-                    continue  # already finished
-                delta = self._delta(out, sent_text[i], sent_tokens[i], want_logprobs)
-                num_generated[i] = len(out.token_ids)
+                delta = streams[out.index].advance(out, want_logprobs)
                 if delta is None:
                     continue
-                text, num_tokens = delta
+                text, start, end = delta
                 logprobs = None
                 if want_logprobs:
-                    logprobs = self._chat_logprobs(out.token_ids[sent_tokens[i]:num_tokens],
-                                                   out.logprobs[sent_tokens[i]:num_tokens],
-                                                   top_n)
+                    logprobs = self._chat_logprobs(out.token_ids[start:end],
+                                                   out.logprobs[start:end], top_n)
                 yield chunk([ChatStreamChoice(
-                    index=i, delta={"content": text} if text else {}, logprobs=logprobs,
-                    finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
-                sent_text[i] += text
-                sent_tokens[i] = -1 if out.finish_reason is not None else num_tokens
+                    index=out.index, delta={"content": text} if text else {},
+                    logprobs=logprobs, finish_reason=out.finish_reason,
+                    stop_reason=out.stop_reason)])
         if include_usage:
-            total = sum(num_generated)
+            total = sum(s.num_generated for s in streams)
             yield chunk([], UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=total,
                                       total_tokens=num_prompt_tokens + total))
-
-    @staticmethod
-    def _delta(out: CompletionOutput, sent_text: str, sent_tokens: int,
-               want_logprobs: bool) -> tuple[str, int] | None:
-        """New text and the token count it covers, or None when there is nothing to send."""
-        num_tokens = len(out.token_ids)
-        if want_logprobs and out.logprobs is not None:
-            num_tokens = min(num_tokens, len(out.logprobs))
-        text = out.text[len(sent_text):]
-        if not text and out.finish_reason is None and not (want_logprobs
-                                                           and num_tokens > sent_tokens):
-            return None
-        return text, num_tokens
 
     # ---- tokenizer endpoints ----------------------------------------------------------
     def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
@@ -537,14 +546,13 @@ class OpenAIServing:
                                            choices=choices, usage=usage).model_dump_json())
 
         total = len(prompts) * n
-        sent_text, sent_tokens = [""] * total, [0] * total
-        num_generated = [0] * total
+        streams = [_ChoiceStream() for _ in range(total)]
         echoed = [not request.echo] * total
         text_offset = [len(echo_texts[i // n]) for i in range(total)]
         async for p, output in outputs:
             for out in output.outputs:
                 i = p * n + out.index
-                if sent_tokens[i] < 0:
+                if streams[i].finished:
                     continue
                 if not echoed[i]:
                     echoed[i] = True
@@ -554,26 +562,22 @@ class OpenAIServing:
                             output.prompt_token_ids, output.prompt_logprobs, request.logprobs, 0)
                     yield chunk([CompletionChoice(index=i, text=echo_texts[p],
                                                   logprobs=logprobs)])
-                delta = self._delta(out, sent_text[i], sent_tokens[i], want_logprobs)
-                num_generated[i] = len(out.token_ids)
+                delta = streams[i].advance(out, want_logprobs)
                 if delta is None:
                     continue
-                text, num_tokens = delta
+                text, start, end = delta
                 logprobs = None
                 if want_logprobs:
                     logprobs = self._completion_logprobs(
-                        out.token_ids[sent_tokens[i]:num_tokens],
-                        out.logprobs[sent_tokens[i]:num_tokens], request.logprobs,
+                        out.token_ids[start:end], out.logprobs[start:end], request.logprobs,
                         text_offset[i])
                     text_offset[i] += sum(len(t) for t in logprobs.tokens)
                 yield chunk([CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=out.finish_reason,
                                               stop_reason=out.stop_reason)])
-                sent_text[i] += text
-                sent_tokens[i] = -1 if out.finish_reason is not None else num_tokens
         if include_usage:
             num_prompt = sum(len(ids) for _, ids in prompts)
-            generated = sum(num_generated)
+            generated = sum(s.num_generated for s in streams)
             yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=generated,
                                       total_tokens=num_prompt + generated))
 
