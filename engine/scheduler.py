@@ -65,14 +65,14 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while self.kv_cache_manager.allocate_slots(request, num_new) is None:
+            while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                self._record(out, request, num_new)
+                self._record(out, request, num_new, new_blocks)
                 budget -= num_new
                 i += 1
         return budget
@@ -82,18 +82,22 @@ class Scheduler:
             request = self.waiting[0]
             hits, num_cached = self.kv_cache_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
-            if self.kv_cache_manager.allocate_slots(request, num_new, hits) is None:
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            if new_blocks is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = num_cached
             self.running.append(request)
-            self._record(out, request, num_new)
+            request.block_ids = [b.block_id for b in hits]
+            self._record(out, request, num_new, new_blocks)
             budget -= num_new
 
-    def _record(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
-        request.block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
+    def _record(self, out: SchedulerOutput, request: Request, num_new: int,
+                new_blocks: list) -> None:
+        # Block tables are append-only: extend with this step's blocks, no rebuild.
+        request.block_ids.extend(b.block_id for b in new_blocks)
         out.scheduled_requests.append(request)
         out.num_scheduled_tokens.append(num_new)
 
