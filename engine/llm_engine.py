@@ -47,15 +47,14 @@ class KVCacheStats:
         return 1.0 - self.filled_slots / self.allocated_slots if self.allocated_slots else 0.0
 
 
-def load_eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
-    ids: set[int] = set()
+def load_eos_token_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
+    """EOS ids from generation_config.json (else the model config) and the tokenizer."""
     gen_config = Path(model_dir) / "generation_config.json"
     if gen_config.exists():
         eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else eos or [])
-    elif (Path(model_dir) / "config.json").exists():
-        eos = json.loads((Path(model_dir) / "config.json").read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else eos or [])
+    else:
+        eos = getattr(hf_config, "eos_token_id", None)
+    ids = set([eos] if isinstance(eos, int) else eos or [])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
@@ -77,7 +76,7 @@ class LLMEngine:
             else AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
         )
         self.max_model_len = self._resolve_max_model_len()
-        self.eos_token_ids = load_eos_token_ids(model_dir, self.tokenizer)
+        self.eos_token_ids = load_eos_token_ids(model_dir, self.hf_config, self.tokenizer)
         torch.manual_seed(config.seed)
 
         self.model_runner = ModelRunner(config, self.hf_config, model_dir, self.max_model_len)
