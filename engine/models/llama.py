@@ -216,11 +216,8 @@ class LlamaForCausalLM(nn.Module):
                 _copy(param.data, tensor, name)
             else:
                 _copy(self._shard(target, param, shard), tensor, name)
-            loaded.add(f"{target}#{shard}")
-        missing = [
-            n for n, p in params.items()
-            if not any(key.startswith(n + "#") for key in loaded)
-        ]
+            loaded.add(target)
+        missing = [n for n in params if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing tensors for: {missing[:8]}")
 
