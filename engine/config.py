@@ -27,8 +27,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # CPU KV cache budget in bytes; default 2 GiB
     seed: int = 0
-    enforce_eager: bool = False
-    attention_backend: str | None = None  # "torch" or "triton"; default by device
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
+    attention_backend: str | None = None  # "torch" or "triton"; None: triton on GPU, torch on CPU
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

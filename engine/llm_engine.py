@@ -80,7 +80,8 @@ class LLMEngine:
         torch.manual_seed(config.seed)
 
         self.model_runner = ModelRunner(config, self.hf_config, model_dir, self.max_model_len)
-        num_blocks = self.model_runner.determine_num_blocks(config.max_num_seqs)
+        num_blocks = self.model_runner.determine_num_blocks(config.max_num_seqs,
+                                                            self._token_budget())
         capacity = num_blocks * config.block_size
         if capacity < self.max_model_len:
             if config.max_model_len is not None:
@@ -93,6 +94,7 @@ class LLMEngine:
                            self.max_model_len, capacity)
             self.max_model_len = capacity
         self.model_runner.allocate_kv_cache(num_blocks)
+        self.model_runner.capture_cuda_graphs(config.max_num_seqs)
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,

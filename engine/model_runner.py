@@ -12,6 +12,7 @@ import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
 from engine.config import EngineConfig
+from engine.cuda_graph import CudaGraphRunner
 from engine.loader.weights import init_dummy_weights, iterate_safetensors
 from engine.models import get_model_class
 from engine.models.llama import RotaryEmbedding
@@ -78,7 +79,9 @@ class ModelRunner:
             # parity tests run with it). Process-wide, as the engine owns its process.
             torch.set_flush_denormal(True)
 
-        backend_name = config.attention_backend or "torch"
+        # Triton kernels on GPUs; the PyTorch path on CPUs (and as the reference).
+        backend_name = config.attention_backend or (
+            "triton" if self.device.type == "cuda" else "torch")
         num_heads = hf_config.num_attention_heads
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
         self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
@@ -88,6 +91,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.cuda_graphs: CudaGraphRunner | None = None
 
     def _load_model(self, model_cls, model_dir):
         # Build on the meta device so no time goes into initialising weights we overwrite.
@@ -102,6 +106,8 @@ class ModelRunner:
         else:
             model.load_weights(iterate_safetensors(model_dir, torch.float32))
         model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.device.type == "cuda" and self.attn_backend.name == "triton":
+            model.use_triton_kernels()
         if self.device.type == "cpu" and self.dtype == torch.float32:
             model.pack_for_cpu()
         return model
@@ -111,12 +117,20 @@ class ModelRunner:
         per_token = 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
         return per_token * self.block_size * self.hf_config.num_hidden_layers
 
-    def determine_num_blocks(self, max_num_seqs: int) -> int:
+    def determine_num_blocks(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_utilization) - (1 << 30)
+            # What is left of gpu_memory_utilization * total once the weights, the CUDA
+            # context and the peak activations of the largest step are accounted for.
+            activations = self._profile_activation_bytes(max_num_seqs, max_num_batched_tokens)
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * self.config.gpu_memory_utilization) - used - activations
+            logger.info("GPU memory: %.1f GiB total, %.1f GiB in use, %.2f GiB peak "
+                        "activations -> %.1f GiB for the KV cache", total / 2**30,
+                        used / 2**30, activations / 2**30, max(budget, 0) / 2**30)
         else:
             budget = self.config.kv_cache_memory or _DEFAULT_CPU_KV_CACHE_BYTES
         num_blocks = max(budget // self.block_bytes(), 1)
@@ -124,6 +138,53 @@ class ModelRunner:
         # so tiny models don't allocate millions of bookkeeping objects.
         blocks_per_seq = -(-self.max_model_len // self.block_size)
         return int(min(num_blocks, 2 * blocks_per_seq * max_num_seqs))
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+        """Peak memory of the largest step (a full token budget of prefill, logits for
+        max_num_seqs rows) beyond the weights, measured by running it on dummy inputs."""
+        num_tokens = max_num_batched_tokens
+        seq_len = min(num_tokens, self.max_model_len)
+        seq_lens = [seq_len] * (num_tokens // seq_len)
+        if num_tokens % seq_len:
+            seq_lens.append(num_tokens % seq_len)
+        bs = self.block_size
+        blocks = [-(-n // bs) for n in seq_lens]
+        shape = (2, sum(blocks), bs, self.num_kv_heads, self.head_dim)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                  for _ in range(self.hf_config.num_hidden_layers)]
+        cache_bytes = sum(c.numel() * c.element_size() for c in caches)
+        table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
+        first = 0
+        for i, n in enumerate(blocks):
+            table[i, :n] = torch.arange(first, first + n)
+            first += n
+        starts = [0]
+        for n in seq_lens:
+            starts.append(starts[-1] + n)
+        positions = torch.cat([torch.arange(n) for n in seq_lens])
+        dev = self.device
+        md = AttentionMetadata(
+            num_tokens=num_tokens,
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_table=table.to(dev), block_size=bs,
+            query_start_loc_cpu=starts, query_lens_cpu=seq_lens, seq_lens_cpu=seq_lens,
+            max_query_len=max(seq_lens), max_seq_len=max(seq_lens),
+        )
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        self.attn_backend.prepare(md)
+        hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=dev),
+                            positions.to(dev), caches, md)
+        logits = self.model.compute_logits(hidden[:min(num_tokens, max_num_seqs)])
+        logits.softmax(dim=-1)  # the sampler's [rows, vocab] fp32 temporaries
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del hidden, logits, caches
+        return max(peak - cache_bytes, 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # K and V apart ([2, ...], as vLLM's flash layout): a block's keys are one contiguous
@@ -135,6 +196,16 @@ class ModelRunner:
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                     num_blocks * self.block_bytes() / 2**20)
+
+    def capture_cuda_graphs(self, max_num_seqs: int) -> None:
+        """Capture decode-step graphs (GPU, graph-safe backend, not enforce_eager)."""
+        if (self.device.type != "cuda" or self.config.enforce_eager
+                or not getattr(self.attn_backend, "supports_cuda_graphs", False)):
+            return
+        self.cuda_graphs = CudaGraphRunner(self.model, self.attn_backend, self.kv_caches,
+                                           max_num_seqs, self.max_model_len, self.block_size,
+                                           self.device)
+        self.cuda_graphs.capture()
 
     # ---- one step -------------------------------------------------------------------
     def _prepare_inputs(self, so: SchedulerOutput):
@@ -189,8 +260,12 @@ class ModelRunner:
         (input_ids, positions), md, logits_indices, sampling_reqs, prompt_lp_reqs = (
             self._prepare_inputs(so)
         )
-        self.attn_backend.prepare(md)
-        hidden = self.model(input_ids, positions, self.kv_caches, md)
+        graphs = self.cuda_graphs
+        if graphs is not None and md.max_query_len == 1 and md.num_tokens <= graphs.max_batch_size:
+            hidden = graphs.run(input_ids, positions, md)
+        else:
+            self.attn_backend.prepare(md)
+            hidden = self.model(input_ids, positions, self.kv_caches, md)
         out = ModelRunnerOutput()
         for req, offset, start, count in prompt_lp_reqs:
             out.prompt_logprobs[req.request_id] = self._prompt_logprobs(

@@ -128,11 +128,11 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 @triton.jit
 def _split_kv_decode_kernel(
     q_ptr, cache_ptr, partial_out_ptr, partial_lse_ptr, block_table_ptr, seq_lens_ptr,
-    scale_log2, blocks_per_split,
+    scale_log2,
     stride_qt, stride_qh,
     stride_c_kv, stride_c_block, stride_c_off, stride_c_head,
     stride_bt,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_BLOCKS_PER_SPLIT: tl.constexpr,
     GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
@@ -155,9 +155,13 @@ def _split_kv_decode_kernel(
     m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    # Splits past a short context's end get an empty range and report lse = -inf.
+    # Each request cuts its own context (no host-side bound needed, so a CUDA graph can
+    # replay it at any length); a short context fills only the first few slices, and the
+    # slices past its end are empty and report lse = -inf.
+    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    blocks_per_split = tl.maximum(tl.cdiv(num_blocks, NUM_SPLITS), MIN_BLOCKS_PER_SPLIT)
     first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(seq_len, BLOCK_SIZE))
+    last_block = tl.minimum(first_block + blocks_per_split, num_blocks)
     m_i, l_i, acc = _attend_cache_blocks(
         q, q_pos, m_i, l_i, acc, cache_ptr, block_table_ptr + seq * stride_bt, kv_head,
         first_block, last_block, seq_len, scale_log2,
@@ -186,10 +190,14 @@ def _split_kv_reduce_kernel(
     dims = tl.arange(0, HEAD_DIM)
     row = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + splits
     lse = tl.load(partial_lse_ptr + row, mask=splits < NUM_SPLITS, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 is never empty: max is finite
+    # Only an empty context (a padding row of a CUDA graph) has every slice empty; it
+    # gets zeros instead of 0/0.
+    lse_max = tl.max(lse, axis=0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
     partial = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
                       mask=(splits < NUM_SPLITS)[:, None], other=0.0)
-    out = tl.sum(partial * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(partial * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     o_off = seq.to(tl.int64) * stride_ot + head * stride_oh + dims
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty))
 
@@ -278,14 +286,15 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size
 
 def paged_attention_split_kv(q: torch.Tensor, kv_cache: torch.Tensor,
                              block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                             max_seq_len: int, num_splits: int,
-                             out: torch.Tensor | None = None) -> torch.Tensor:
+                             num_splits: int, out: torch.Tensor | None = None,
+                             min_blocks_per_split: int | None = None) -> torch.Tensor:
     """Flash-decoding for a decode-only batch (one query token per request, token i of q
     belongs to request i): q [num_seqs, num_heads, head_dim] -> out like q.
 
-    Each context is cut into num_splits slices of whole cache blocks, sized from the
-    host-side bound max_seq_len; each slice is attended separately and a second kernel
-    merges the slices by their log-sum-exp."""
+    Each request's context is cut into up to num_splits slices of whole cache blocks (at
+    least _SPLIT_KV_MIN_BLOCKS_PER_SPLIT each); each slice is attended separately and a
+    second kernel merges the slices by their log-sum-exp. A request with an empty context
+    (seq_len 0: padding) gets zeros."""
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     _check_inputs(q, kv_cache, block_table)
@@ -299,7 +308,6 @@ def paged_attention_split_kv(q: torch.Tensor, kv_cache: torch.Tensor,
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    blocks_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), block_size), num_splits)
     partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim,
                               dtype=torch.float32, device=q.device)
     partial_lse = torch.empty(num_seqs, num_heads, num_splits,
@@ -311,11 +319,12 @@ def paged_attention_split_kv(q: torch.Tensor, kv_cache: torch.Tensor,
         partial_lse,  # [num_seqs, num_heads, num_splits] fp32, log2 units
         block_table,  # [num_seqs, max_blocks_per_seq] int32
         seq_lens,  # [num_seqs] int32: context length after this step
-        scale * math.log2(math.e), blocks_per_split,
+        scale * math.log2(math.e),
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_table.stride(0),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits,
+        MIN_BLOCKS_PER_SPLIT=min_blocks_per_split or _SPLIT_KV_MIN_BLOCKS_PER_SPLIT,
         GROUP=group, ROWS=max(triton.next_power_of_2(group), _MIN_TILE_ROWS),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, DOT_FP32=_dot_fp32(q.dtype),
     )

@@ -30,6 +30,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="CPU KV cache budget in bytes (default 4 GiB)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=True, help="reuse cached KV blocks of shared prompt prefixes")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory the engine may use (weights, activations "
+                             "and the KV cache)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="GPU: run decode steps eagerly instead of through CUDA graphs")
+    parser.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
+                        help="attention kernels (default: triton on GPU, torch on CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"])
@@ -41,6 +48,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend,
     )
 
 

@@ -4,6 +4,7 @@ and Qwen3 (per-head q/k RMSNorm). Attention goes through the engine's paged back
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,15 +15,26 @@ from engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, optionally with the residual add folded in: norm(x, residual) returns
+    (norm(x + residual), x + residual), so the GPU path does both in one kernel."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernel = None  # kernels.fused_ops.fused_add_rms_norm, set on GPU
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.kernel is not None:
+            shape = x.shape
+            out = self.kernel(x.reshape(-1, shape[-1]), residual, self.weight, self.eps)
+            return out.view(shape) if residual is None else (out, residual)
+        if residual is not None:
+            x = residual = x + residual
         # HF's order (normalise in fp32, cast back, then scale), in one fused op.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        out = self.weight * normed.to(x.dtype)
+        return out if residual is None else (out, residual)
 
 
 def rope_parameters(config) -> dict:
@@ -45,6 +57,7 @@ class RotaryEmbedding(nn.Module):
         self.config, self.head_dim, self.max_positions = config, head_dim, max_positions
         self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.kernel = None  # kernels.fused_ops.rotary_embedding, set on GPU
         if self.cos.device.type != "meta":
             self.build_cache()
 
@@ -68,15 +81,30 @@ class RotaryEmbedding(nn.Module):
         self.cos = (emb.cos() * scaling).to(self.cos.device)
         self.sin = (emb.sin() * scaling).to(self.sin.device)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin [T, 1, D] for the step's positions; looked up once, used by every layer."""
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> StepRope:
+        """The step's rotation, prepared once and used by every layer."""
+        if self.kernel is not None:  # the kernel looks cos/sin up itself
+            return StepRope(self.cos, self.sin, positions, self.kernel)
+        return StepRope(self.cos[positions].to(dtype)[:, None, :],
+                        self.sin[positions].to(dtype)[:, None, :])
 
 
-def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    cos, sin = rope
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+@dataclass(slots=True)
+class StepRope:
+    """cos, sin [T, 1, D] of the step's positions; or, with a kernel (GPU), the whole
+    [max_positions, D] tables and the positions, for kernels.fused_ops.rotary_embedding."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor | None = None
+    kernel: object = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, D]; the kernel rotates in place."""
+        if self.kernel is not None:
+            return self.kernel(x, self.positions, self.cos, self.sin)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat([-x2, x1], dim=-1) * self.sin
 
 
 class Attention(nn.Module):
@@ -106,7 +134,7 @@ class Attention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         # Queries and keys rotate together: one set of elementwise ops instead of two.
-        q, k = apply_rotary(qk, rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = rope.apply(qk).split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.backend.forward(q, k, v, kv_cache, md, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -134,9 +162,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope, x, kv_cache, md):
-        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, md)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope, x, residual, kv_cache, md):
+        """Returns (the MLP's output, the residual stream before it is added): the add
+        happens in the next norm, which fuses it on GPU."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(rope, h, kv_cache, md)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 # checkpoint name -> (our fused parameter, shard index)
@@ -178,9 +213,19 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(rope, x, kv_cache, md)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, kv_cache, md)
+        return self.norm(x, residual)[0]
+
+    def use_triton_kernels(self) -> None:
+        """GPU: fused residual-add + RMSNorm and in-place rotary (kernels.fused_ops)."""
+        from kernels.fused_ops import fused_add_rms_norm, rotary_embedding
+
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = fused_add_rms_norm
+        self.rotary.kernel = rotary_embedding
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:

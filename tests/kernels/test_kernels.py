@@ -210,7 +210,7 @@ def test_split_kv_decode_matches_reference(group, block_size, dtype):
     scale = 64 ** -0.5
 
     out = paged_attention_split_kv(q, kv_cache, block_table, seq_lens_t, scale,
-                                   max_seq_len=max(seq_lens), num_splits=3)
+                                   num_splits=3, min_blocks_per_split=1)
     query_start_loc = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
     expected = paged_attention_ref(q, kv_cache, block_table, seq_lens_t, query_start_loc, scale)
 
@@ -218,19 +218,21 @@ def test_split_kv_decode_matches_reference(group, block_size, dtype):
     torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 7])
-def test_split_kv_decode_split_counts_and_loose_bound(num_splits):
-    """Any split count (7 over 4 blocks: most splits empty), with max_seq_len a loose
-    host-side bound, equals the unified kernel on the same decode batch."""
-    seq_lens = [53, 7, 64, 1, 33]
+@pytest.mark.parametrize("num_splits,min_blocks", [(1, 1), (2, 1), (7, 1), (4, 2)])
+def test_split_kv_decode_split_counts(num_splits, min_blocks):
+    """Any split count (7 over 4 blocks: most splits empty; 2 blocks at least per split:
+    short contexts use fewer splits) equals the unified kernel on the same decode batch,
+    and an empty context (a CUDA graph's padding row) gives zeros, not NaN."""
+    seq_lens = [53, 7, 64, 1, 33, 0]
     query_lens = [1] * len(seq_lens)
     q, kv_cache, block_table, seq_lens_t, query_start_loc = _paged_inputs(
         query_lens, seq_lens, 8, 32, 16, torch.float32, num_splits)
     out = paged_attention_split_kv(q, kv_cache, block_table, seq_lens_t, 0.3,
-                                   max_seq_len=70, num_splits=num_splits)
+                                   num_splits=num_splits, min_blocks_per_split=min_blocks)
     unified = paged_attention(q, kv_cache, block_table, seq_lens_t, query_start_loc, 0.3,
                               max_query_len=1)
     torch.testing.assert_close(out, unified, atol=2e-5, rtol=2e-5)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
 
 
 def test_num_kv_splits_rule():

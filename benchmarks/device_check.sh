@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every GPU check in one script (one H100: about 7 minutes). Writes one JSON file per part,
+# their logs, and summary.md into $OUT (default benchmarks/results/gpu/).
+#
+#   bash benchmarks/device_check.sh              # everything
+#   PARTS="kernels parity" bash benchmarks/device_check.sh
+#
+# Parts: env, pytest (the kernel test suite on CUDA), kernels (long-context kernel checks),
+# parity (greedy tokens = HF on CUDA), attention (decode bandwidth), fused (fused-op
+# microbenchmark), e2e_qwen3, e2e_llama (offline throughput against HF transformers).
+# A failing part is recorded and the rest still run.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+PARTS=${PARTS:-"env pytest kernels parity attention fused e2e_qwen3 e2e_llama"}
+# pytest may be missing from the GPU image: benchmarks/device_check.sh's caller can carry a
+# `pip install --target .gpu_deps pytest pluggy iniconfig`.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .gpu_deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.gpu_deps"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+part() {  # part NAME TIMEOUT_S COMMAND...: stdout's last line is the part's JSON
+    local name=$1 limit=$2
+    shift 2
+    [[ " $PARTS " == *" $name "* ]] || return 0
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc in $((SECONDS - start)) s" | tee -a "$OUT/status.txt"
+    tail -n 1 "$OUT/$name.log" | python -c 'import json,sys
+line = sys.stdin.read()
+try: json.loads(line); print(line, end="")
+except ValueError: pass' >"$OUT/$name.json"
+    [ -s "$OUT/$name.json" ] || rm -f "$OUT/$name.json"
+}
+
+: >"$OUT/status.txt"
+part env 60 python -c 'import json, torch, triton, transformers, importlib.util as u
+import engine, kernels.paged_attention  # the engine must import without the server deps
+print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
+  "transformers": transformers.__version__, "device": torch.cuda.get_device_name(),
+  "fastapi_installed": u.find_spec("fastapi") is not None}))'
+part pytest 200 python -m pytest -q -p no:cacheprovider tests/kernels
+part kernels 150 python benchmarks/gpu_checks.py kernels
+part parity 180 python benchmarks/gpu_checks.py parity
+part attention 120 python benchmarks/gpu_checks.py attention
+part fused 90 python benchmarks/gpu_checks.py fused
+part e2e_qwen3 240 python benchmarks/gpu_throughput.py --config benchmarks/configs/qwen3-0.6b.json
+part e2e_llama 240 python benchmarks/gpu_throughput.py --config benchmarks/configs/llama-3.2-1b.json
+python benchmarks/device_report.py "$OUT" || true
+cat "$OUT/status.txt"

@@ -1,0 +1,218 @@
+"""End-to-end offline throughput on a GPU with dummy weights at real shapes (configs in
+benchmarks/configs/, no weights needed): pagedserve against HF transformers' `generate`
+(static batches, left-padded) on the same workload, each in its own process, same run.
+
+    python benchmarks/gpu_throughput.py --config benchmarks/configs/qwen3-0.6b.json
+    python benchmarks/gpu_throughput.py --config benchmarks/configs/llama-3.2-1b.json \\
+        --num-prompts 256 --output-len 256
+
+Also reports decode step time against the memory-bandwidth floor: a decode step must at
+least read every weight once and each request's KV context once, at the device's measured
+copy bandwidth. Prints one JSON line; benchmarks/device_check.sh collects them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.throughput import make_workload  # noqa: E402
+
+
+def run_pagedserve(args, workload) -> dict:
+    import torch
+
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True,
+              dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, enable_prefix_caching=False,
+              enforce_eager=args.enforce_eager)
+    engine = llm.llm_engine
+    runner = engine.model_runner
+    steps = []  # (seconds, tokens, requests, kv tokens read, decode-only)
+    execute = runner.execute
+
+    def timed_execute(so):
+        kv_tokens = sum(r.num_computed_tokens + n
+                        for r, n in zip(so.scheduled_requests, so.num_scheduled_tokens))
+        start = time.perf_counter()
+        out = execute(so)  # ends in the step's one device-to-host copy: timing is exact
+        steps.append((time.perf_counter() - start, sum(so.num_scheduled_tokens),
+                      len(so.scheduled_requests), kv_tokens,
+                      max(so.num_scheduled_tokens) == 1))
+        return out
+
+    runner.execute = timed_execute
+    warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": w["prompt_token_ids"][:32]} for w in workload[:4]], warm,
+                 use_tqdm=False)
+    steps.clear()
+    start = time.perf_counter()
+    for i, w in enumerate(workload):
+        params = SamplingParams(max_tokens=w["max_tokens"], temperature=0, ignore_eos=True)
+        engine.add_request(f"bench-{i}", {"prompt_token_ids": w["prompt_token_ids"]}, params)
+    output_tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                output_tokens += len(out.outputs[0].token_ids)
+    elapsed = time.perf_counter() - start
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    return {
+        "elapsed_s": elapsed, "output_tokens": output_tokens, "steps": steps,
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": runner.block_bytes() // runner.block_size,
+        "num_kv_blocks": runner.num_blocks, "cuda_graphs": runner.cuda_graphs is not None,
+        "attention_backend": runner.attn_backend.name,
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "preemptions": engine.scheduler.num_preemptions,
+    }
+
+
+def run_hf(args, workload) -> dict:
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(args.model_dir)
+    with torch.device("cuda"):  # random init on the GPU: seconds faster than on the CPU
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, torch_dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos: exact lengths
+    pad_id = 0
+
+    def generate(batch):
+        width = max(len(w["prompt_token_ids"]) for w in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, w in enumerate(batch):  # left padding, as decoder-only generation needs
+            n = len(w["prompt_token_ids"])
+            ids[row, width - n:] = torch.tensor(w["prompt_token_ids"])
+            mask[row, width - n:] = 1
+        max_new = max(w["max_tokens"] for w in batch)
+        with torch.inference_mode():
+            model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(),
+                           max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                           pad_token_id=pad_id)
+        torch.cuda.synchronize()
+        return sum(w["max_tokens"] for w in batch)  # each request's own tokens only
+
+    generate([{"prompt_token_ids": w["prompt_token_ids"][:32], "max_tokens": 4}
+              for w in workload[:4]])
+    start = time.perf_counter()
+    output_tokens = sum(generate(workload[i:i + args.hf_batch_size])
+                        for i in range(0, len(workload), args.hf_batch_size))
+    return {"elapsed_s": time.perf_counter() - start, "output_tokens": output_tokens,
+            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_child(runner: str, args, workload_path: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", runner, "--workload-file", str(workload_path),
+           "--model-dir", args.model_dir, "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--max-model-len", str(args.max_model_len), "--hf-batch-size", str(args.hf_batch_size)]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"{runner} run failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def decode_step_summary(steps, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float):
+    """Decode-only steps grouped by batch size: mean time against the bandwidth floor."""
+    groups: dict[str, list] = {}
+    for seconds, _tokens, reqs, kv_tokens, decode_only in steps:
+        if not decode_only:
+            continue
+        key = ("1-31" if reqs < 32 else "32-127" if reqs < 128 else "128-255" if reqs < 256
+               else "256+")
+        groups.setdefault(key, []).append((seconds, reqs, kv_tokens))
+    summary = {}
+    for key, rows in groups.items():
+        mean_s = sum(r[0] for r in rows) / len(rows)
+        floor_s = sum((weight_bytes + r[2] * kv_bytes_per_token) / bandwidth
+                      for r in rows) / len(rows)
+        summary[key] = {"steps": len(rows), "mean_batch": sum(r[1] for r in rows) / len(rows),
+                        "mean_kv_tokens": sum(r[2] for r in rows) / len(rows),
+                        "mean_step_ms": mean_s * 1e3, "floor_ms": floor_s * 1e3,
+                        "floor_fraction": floor_s / mean_s}
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", type=Path, help="a model's config.json (benchmarks/configs/)")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, nargs=2, default=(128, 1024), metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--bandwidth-gb-s", type=float, default=None,
+                   help="measured copy bandwidth (default: measure it here)")
+    p.add_argument("--child", choices=["pagedserve", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--workload-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        workload = json.loads(args.workload_file.read_text())
+        runner = run_pagedserve if args.child == "pagedserve" else run_hf
+        print(json.dumps(runner(args, workload)))
+        return
+
+    config = json.loads(args.config.read_text())
+    workload = make_workload(args.num_prompts, args.input_len, (args.output_len,) * 2,
+                             config["vocab_size"], args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model_dir = tmp
+        shutil.copy(args.config, Path(tmp) / "config.json")
+        workload_path = Path(tmp) / "workload.json"
+        workload_path.write_text(json.dumps(workload))
+        if args.bandwidth_gb_s is None:
+            from benchmarks.gpu_checks import copy_bandwidth
+
+            args.bandwidth_gb_s = copy_bandwidth() / 1e9
+        ours = run_child("pagedserve", args, workload_path)
+        hf = None if args.skip_hf else run_child("hf", args, workload_path)
+    ours["output_tok_s"] = ours["output_tokens"] / ours["elapsed_s"]
+    steps = ours.pop("steps")
+    result = {
+        "model": args.config.stem,
+        "command": "python benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:]),
+        "workload": (f"{args.num_prompts} prompts, input {args.input_len[0]}-{args.input_len[1]} "
+                     f"tokens, output {args.output_len}, ignore_eos, seed {args.seed}, bf16, "
+                     "dummy weights"),
+        "copy_bandwidth_gb_s": args.bandwidth_gb_s,
+        "pagedserve": ours,
+        "decode_steps_vs_floor": decode_step_summary(
+            steps, ours["weight_bytes"], ours["kv_bytes_per_token"], args.bandwidth_gb_s * 1e9),
+        "step_count": len(steps),
+        "step_time_total_s": sum(s[0] for s in steps),
+    }
+    if hf is not None:
+        hf["output_tok_s"] = hf["output_tokens"] / hf["elapsed_s"]
+        result["hf_transformers"] = hf
+        result["ratio"] = ours["output_tok_s"] / hf["output_tok_s"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
