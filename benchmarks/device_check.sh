@@ -50,4 +50,7 @@ part e2e_llama 150 python benchmarks/gpu_throughput.py --config benchmarks/confi
 part fused 40 python benchmarks/gpu_checks.py fused
 part pytest 150 python -m pytest -q -p no:cacheprovider tests/kernels
 python benchmarks/device_report.py "$OUT" || true
+# The device tool brings back only a few files: the logs travel as one archive.
+tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json 2>/dev/null | grep -v device_check.json) \
+    && (cd "$OUT" && rm -f *.log $(ls *.json | grep -v device_check.json))
 cat "$OUT/status.txt"

@@ -45,10 +45,15 @@ def main() -> None:
     if parts["parity"]:
         p = parts["parity"]
         lines += [f"## Engine parity with HF transformers on CUDA: all ok = {p['all_ok']}", ""]
-        lines += table(["model / mode", "exact greedy", "token agreement", "max logprob err",
+        lines += ["Reference: HF fp32 on CPU; bf16 rows also against HF bf16 on the GPU, with "
+                  "HF's own bf16-vs-fp32 agreement as the noise level.", ""]
+        lines += table(["model / mode", "exact greedy", "agreement with HF fp32",
+                        "max logprob err", "agreement with HF bf16", "HF bf16 vs HF fp32",
                         "CUDA graphs", "blocks leaked", "ok"],
                        [[name, r["exact_greedy"], r["token_agreement"],
-                         r["max_logprob_err_on_agreeing_prefix"], r["cuda_graphs"],
+                         r["max_logprob_err_on_agreeing_prefix"],
+                         r.get("agreement_with_hf_bf16", "-"),
+                         r.get("hf_bf16_vs_hf_fp32_agreement", "-"), r["cuda_graphs"],
                          r["blocks_leaked"], r["ok"]] for name, r in p["parity"].items()])
     if parts["attention"]:
         a = parts["attention"]

@@ -163,10 +163,13 @@ class ModelRunner:
         for n in seq_lens:
             starts.append(starts[-1] + n)
         positions = torch.cat([torch.arange(n) for n in seq_lens])
+        # Each sequence's blocks are consecutive, so its slots are too.
+        slots = torch.cat([first * bs + torch.arange(n) for first, n in
+                           zip(table[:, 0].tolist(), seq_lens)])
         dev = self.device
         md = AttentionMetadata(
             num_tokens=num_tokens,
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=dev),
+            slot_mapping=slots.to(dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_table=table.to(dev), block_size=bs,

@@ -238,7 +238,9 @@ def test_split_kv_decode_split_counts(num_splits, min_blocks):
 def test_num_kv_splits_rule():
     # A full batch never splits; a small batch splits long contexts, not short ones.
     assert num_kv_splits(num_seqs=256, num_kv_heads=8, max_seq_len=4096, block_size=16) == 1
+    assert num_kv_splits(num_seqs=128, num_kv_heads=8, max_seq_len=4096, block_size=16) == 1
     assert num_kv_splits(num_seqs=1, num_kv_heads=8, max_seq_len=64, block_size=16) == 1
-    assert num_kv_splits(num_seqs=1, num_kv_heads=8, max_seq_len=4096, block_size=16) == 32
-    assert num_kv_splits(num_seqs=4, num_kv_heads=8, max_seq_len=4096, block_size=16) == 8
-    assert num_kv_splits(num_seqs=4, num_kv_heads=8, max_seq_len=512, block_size=16) == 4
+    assert num_kv_splits(num_seqs=1, num_kv_heads=8, max_seq_len=4096, block_size=16) == 16
+    assert num_kv_splits(num_seqs=32, num_kv_heads=8, max_seq_len=4096, block_size=16) == 4
+    assert num_kv_splits(num_seqs=32, num_kv_heads=8, max_seq_len=512, block_size=16) == 2
+    assert num_kv_splits(num_seqs=1, num_kv_heads=1, max_seq_len=1 << 20, block_size=16) == 32
