@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check in one script (one H100: about 8 minutes at most). Writes one JSON file per part,
-# their logs, and summary.md into $OUT (default benchmarks/results/gpu/).
+# Every GPU check in one script (one H100: about 6 minutes). Writes into $OUT (default
+# benchmarks/results/gpu/) four files, updated after every part so that a run cut short still
+# leaves its results: summary.md, device_check.json (every part's JSON), status.txt, logs.txt.
 #
 #   bash benchmarks/device_check.sh              # everything
 #   PARTS="kernels parity" bash benchmarks/device_check.sh
@@ -13,6 +14,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
+WORK=$(mktemp -d)  # per-part JSON files; $OUT gets only the four files above
 PARTS=${PARTS:-"env parity kernels attention e2e_qwen3 e2e_llama fused pytest"}
 # pytest may be missing from the GPU image: benchmarks/device_check.sh's caller can carry a
 # `pip install --target .gpu_deps pytest pluggy iniconfig`.
@@ -25,17 +27,21 @@ part() {  # part NAME TIMEOUT_S COMMAND...: stdout's last line is the part's JSO
     shift 2
     [[ " $PARTS " == *" $name "* ]] || return 0
     local start=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
     echo "$name: rc=$rc in $((SECONDS - start)) s" | tee -a "$OUT/status.txt"
-    tail -n 1 "$OUT/$name.log" | python -c 'import json,sys
+    { echo "===== $name (rc=$rc)"; tail -n 200 "$WORK/$name.log"; } >>"$OUT/logs.txt"
+    tail -n 1 "$WORK/$name.log" | python -c 'import json,sys
 line = sys.stdin.read()
 try: json.loads(line); print(line, end="")
-except ValueError: pass' >"$OUT/$name.json"
-    [ -s "$OUT/$name.json" ] || rm -f "$OUT/$name.json"
+except ValueError: pass' >"$WORK/$name.json"
+    [ -s "$WORK/$name.json" ] || rm -f "$WORK/$name.json"
+    cp "$OUT/status.txt" "$WORK/status.txt"
+    python benchmarks/device_report.py "$WORK" "$OUT" >/dev/null 2>&1
 }
 
 : >"$OUT/status.txt"
+: >"$OUT/logs.txt"
 part env 30 python -c 'import json, torch, triton, transformers, importlib.util as u
 import engine, kernels.paged_attention  # the engine must import without the server deps
 print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
@@ -49,8 +55,4 @@ part e2e_qwen3 150 python benchmarks/gpu_throughput.py --config benchmarks/confi
 part e2e_llama 150 python benchmarks/gpu_throughput.py --config benchmarks/configs/llama-3.2-1b.json
 part fused 40 python benchmarks/gpu_checks.py fused
 part pytest 150 python -m pytest -q -p no:cacheprovider tests/kernels
-python benchmarks/device_report.py "$OUT" || true
-# The device tool brings back only a few files: the logs travel as one archive.
-tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json 2>/dev/null | grep -v device_check.json) \
-    && (cd "$OUT" && rm -f *.log $(ls *.json | grep -v device_check.json))
 cat "$OUT/status.txt"

@@ -1,7 +1,7 @@
-"""Summarise benchmarks/device_check.sh's per-part JSON files into summary.md and one
-device_check.json.
+"""Summarise benchmarks/device_check.sh's per-part JSON files (and status.txt) in PARTS_DIR
+into summary.md and one device_check.json in OUT_DIR (default: PARTS_DIR).
 
-    python benchmarks/device_report.py benchmarks/results/gpu"""
+    python benchmarks/device_report.py PARTS_DIR [OUT_DIR]"""
 
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    parts = {name: load(out, name) for name in
+    src = Path(sys.argv[1])
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else src
+    parts = {name: load(src, name) for name in
              ("env", "kernels", "parity", "attention", "fused", "e2e_qwen3", "e2e_llama")}
     lines = ["# GPU device check", "", "Command: `bash benchmarks/device_check.sh`", ""]
-    status = (out / "status.txt").read_text() if (out / "status.txt").exists() else ""
+    status = (src / "status.txt").read_text() if (src / "status.txt").exists() else ""
     lines += ["Part status (rc 0 = passed; 124 = timed out):", "", "```", status.strip(), "```", ""]
     if parts["env"]:
         lines += [f"Environment: {parts['env']}", ""]
-    pytest_log = out / "pytest.log"
+    pytest_log = src / "pytest.log"
     if pytest_log.exists():
         last = pytest_log.read_text().strip().splitlines()[-1:] or [""]
         lines += [f"Kernel test suite on CUDA (`pytest tests/kernels`): {last[0]}", ""]
