@@ -68,18 +68,18 @@ class ToolCallStream:
     def _read(self, text: str, final: bool) -> StreamDelta:
         raise NotImplementedError
 
-    def _open_call(self, name: str, out: StreamDelta) -> ParsedToolCall:
+    def _open_call(self, name: str, out: StreamDelta) -> int:
+        """Start a call; its index (in `calls` and in the delta entries)."""
         call = ParsedToolCall(new_tool_call_id(), name, "")
         out.tool_calls.append({"index": len(self.calls), "id": call.id, "type": "function",
                                "function": {"name": name, "arguments": ""}})
         self.calls.append(call)
-        return call
+        return len(self.calls) - 1
 
-    def _add_arguments(self, call: ParsedToolCall, text: str, out: StreamDelta) -> None:
+    def _add_arguments(self, index: int, text: str, out: StreamDelta) -> None:
         if text:
-            call.arguments += text
-            out.tool_calls.append({"index": self.calls.index(call),
-                                   "function": {"arguments": text}})
+            self.calls[index].arguments += text
+            out.tool_calls.append({"index": index, "function": {"arguments": text}})
 
 
 class _TrimmedText:
@@ -297,13 +297,13 @@ class JsonValueSpans:
 
 
 class _PendingCall:
-    __slots__ = ("name", "name_start", "args_start", "args_end", "call", "sent")
+    __slots__ = ("name", "name_start", "args_start", "args_end", "index", "sent")
 
     def __init__(self, name: str | None = None) -> None:
         self.name, self.name_start = name, None
         self.args_start: int | None = None
         self.args_end: int | None = None
-        self.call: ParsedToolCall | None = None
+        self.index: int | None = None  # in `calls`, once opened
         self.sent = 0  # arguments characters sent
 
 
@@ -332,14 +332,14 @@ class GuidedToolCallStream(ToolCallStream):
         out = StreamDelta()
         source = self._json.text
         for pending in self._pending:
-            if pending.call is None:
+            if pending.index is None:
                 if pending.name is None:
                     continue
-                pending.call = self._open_call(pending.name, out)
+                pending.index = self._open_call(pending.name, out)
             if pending.args_start is not None:
                 end = pending.args_end if pending.args_end is not None else len(source)
                 start = pending.args_start + pending.sent
-                self._add_arguments(pending.call, source[start:end], out)
+                self._add_arguments(pending.index, source[start:end], out)
                 pending.sent = end - pending.args_start
         return out
 

@@ -147,6 +147,7 @@ def conversation(messages: list[ChatMessage], tools: list[dict[str, Any]] | None
     expect them, or, for a template that knows no tools, become Hermes text."""
     out: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
+    results_turn: dict[str, Any] | None = None  # the user turn tool results go into
     for message in messages:
         entry: dict[str, Any] = {**(message.model_extra or {}), "role": message.role,
                                  "content": message.text()}
@@ -163,24 +164,23 @@ def conversation(messages: list[ChatMessage], tools: list[dict[str, Any]] | None
                 entry["tool_call_id"] = message.tool_call_id
                 if message.tool_call_id in call_names:
                     entry.setdefault("name", call_names[message.tool_call_id])
-            out.append(entry)
-            continue
-        if message.tool_calls:
-            calls = "\n".join(_hermes_call(c) for c in message.tool_calls)
-            entry["content"] = f"{entry['content']}\n{calls}" if entry["content"] else calls
         elif message.role == "tool":
             name = entry.get("name") or call_names.get(message.tool_call_id or "", "")
             response = ("<tool_response>\n" + json.dumps({"name": name,
                                                           "content": entry["content"]},
                                                          ensure_ascii=False)
                         + "\n</tool_response>")
-            if out and out[-1].get("_tool_results"):  # results of one turn share a user turn
-                out[-1]["content"] += "\n" + response
+            if results_turn is not None:  # the results of one turn share a user turn
+                results_turn["content"] += "\n" + response
                 continue
-            entry = {"role": "user", "content": response, "_tool_results": True}
+            entry = results_turn = {"role": "user", "content": response}
+            out.append(entry)
+            continue
+        elif message.tool_calls:
+            calls = "\n".join(_hermes_call(c) for c in message.tool_calls)
+            entry["content"] = f"{entry['content']}\n{calls}" if entry["content"] else calls
+        results_turn = None
         out.append(entry)
-    for entry in out:
-        entry.pop("_tool_results", None)
     if tools and not template_has_tools:
         prompt = DEFAULT_TOOL_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False)
                                                             for t in tools))
