@@ -9,6 +9,7 @@ _EXPORTS = {
     "LLMEngine": "engine.llm_engine",
     "EngineConfig": "engine.config",
     "SamplingParams": "engine.sampling_params",
+    "GuidedDecodingParams": "engine.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "Logprob": "engine.outputs",

@@ -19,6 +19,7 @@ from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import FINISH_REASONS, Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}  # sequence id -> sequence
         self._parents: dict[str, _UserRequest] = {}  # user request id -> its sequences
         self._parent_of: dict[str, str] = {}
+        # Built on the first guided request, so unguided use never loads xgrammar.
+        self.structured_output: StructuredOutputManager | None = None
         logger.info("Engine ready in %.1fs: %s on %s (%s), max_model_len=%d",
                     time.perf_counter() - start, model_dir, self.model_runner.device,
                     self.model_runner.dtype, self.max_model_len)
@@ -152,6 +155,10 @@ class LLMEngine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
+        # Compiled now, before anything is queued, so a bad spec fails only this call.
+        grammar = None
+        if params.guided_decoding is not None:
+            grammar = self._get_structured_output().compile(params.guided_decoding)
         children = []
         for i in range(params.n):
             child_params = replace(params, all_stop_token_ids=stop_ids)
@@ -164,12 +171,24 @@ class LLMEngine:
                 child.generator.manual_seed(child_params.seed)
             if child_params.detokenize and self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
+            if grammar is not None:
+                child.grammar = self.structured_output.new_matcher(grammar, stop_ids)
             children.append(child)
         self._parents[request_id] = _UserRequest(request_id, text, token_ids, children)
         for child in children:
             self._requests[child.request_id] = child
             self._parent_of[child.request_id] = request_id
             self.scheduler.add_request(child)
+
+    def _get_structured_output(self) -> StructuredOutputManager:
+        if self.structured_output is None:
+            if self.tokenizer is None:
+                raise ValueError(
+                    "guided decoding needs the tokenizer (skip_tokenizer_init is set)")
+            self.structured_output = StructuredOutputManager(
+                self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids,
+                self.config.max_num_seqs, self.model_runner.device)
+        return self.structured_output
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -209,7 +228,7 @@ class LLMEngine:
         so = self.scheduler.schedule()
         if so.is_empty:
             return []
-        result = self.model_runner.execute(so)
+        result = self.model_runner.execute(so, self.structured_output)
         self.scheduler.update_after_step(so)
         touched = self._process_outputs(result)
         outputs = []
@@ -242,6 +261,8 @@ class LLMEngine:
             touched[self._parent_of[req_id]] = None
             try:
                 req.append_token(token_id)
+                if req.grammar is not None and not req.grammar.accept_token(token_id):
+                    raise RuntimeError(f"the grammar rejected sampled token {token_id}")
                 if result.sampled_logprobs is not None:
                     self._record_logprobs(req, token_id, i, result)
                 status = self._check_stop(req, token_id)
@@ -253,6 +274,7 @@ class LLMEngine:
                 finished.append((req, status))
         for req, status in finished:
             self.scheduler.finish_requests([req], status)
+            req.grammar = None
         return touched
 
     def _record_logprobs(self, req: Request, token_id: int, i: int,
@@ -275,7 +297,11 @@ class LLMEngine:
         params = req.sampling_params
         status = None
         stop_terminated = False
-        if token_id in params.all_stop_token_ids and req.num_output_tokens >= params.min_tokens:
+        # A terminated grammar has just accepted one of its stop tokens: the structure is
+        # complete. Its stop tokens are the request's, or the EOS ids under ignore_eos.
+        grammar_done = req.grammar is not None and req.grammar.is_terminated()
+        if grammar_done or (token_id in params.all_stop_token_ids
+                            and req.num_output_tokens >= params.min_tokens):
             status, stop_terminated = RequestStatus.FINISHED_STOPPED, True
             req.stop_reason = token_id if token_id in params.stop_token_ids else None
         if req.detokenizer is not None:
@@ -318,6 +344,7 @@ class LLMEngine:
     def _forget(self, parent: _UserRequest) -> None:
         del self._parents[parent.request_id]
         for child in parent.children:
+            child.grammar = None  # aborted ones too
             self._requests.pop(child.request_id, None)
             self._parent_of.pop(child.request_id, None)
 

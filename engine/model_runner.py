@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from engine.models import get_model_class
 from engine.models.llama import RotaryEmbedding
 from engine.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
 from engine.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +263,8 @@ class ModelRunner:
         return inputs, md, logits_indices, sampling_reqs, prompt_lp_reqs
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, so: SchedulerOutput,
+                structured_output: StructuredOutputManager | None = None) -> ModelRunnerOutput:
         (input_ids, positions), md, logits_indices, sampling_reqs, prompt_lp_reqs = (
             self._prepare_inputs(so)
         )
@@ -269,6 +274,11 @@ class ModelRunner:
         else:
             self.attn_backend.prepare(md)
             hidden = self.model(input_ids, positions, self.kv_caches, md)
+        # Grammar masks are filled on the CPU after the forward is queued, so that on a GPU
+        # the two overlap (on a CPU the forward has already run: nothing to overlap).
+        grammar_bitmask = (
+            structured_output.fill_bitmask(sampling_reqs) if structured_output is not None else None
+        )
         out = ModelRunnerOutput()
         for req, offset, start, count in prompt_lp_reqs:
             out.prompt_logprobs[req.request_id] = self._prompt_logprobs(
@@ -276,6 +286,9 @@ class ModelRunner:
         if not sampling_reqs:
             return out
         logits = self.model.compute_logits(hidden[logits_indices])
+        if grammar_bitmask is not None:
+            # Before the sampler: masked tokens get probability 0, in the returned logprobs too.
+            grammar_bitmask.apply(logits)
         metadata = SamplingMetadata.build(
             params=[r.sampling_params for r in sampling_reqs],
             prompt_token_ids=[r.prompt_token_ids for r in sampling_reqs],

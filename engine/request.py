@@ -10,6 +10,7 @@ from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
+    import xgrammar
 
     from engine.detokenizer import IncrementalDetokenizer
     from engine.outputs import Logprob
@@ -44,7 +45,7 @@ class Request:
         "request_id", "prompt_token_ids", "sampling_params", "arrival_time", "max_tokens",
         "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status", "block_ids",
         "generator", "detokenizer", "logprobs", "cumulative_logprob", "prompt_logprobs",
-        "stop_reason", "num_preemptions", "error",
+        "stop_reason", "num_preemptions", "error", "grammar",
     )
 
     def __init__(
@@ -77,6 +78,9 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.error: str | None = None  # set with FINISHED_ERROR
+        # Guided decoding: at the state after the output tokens so far (the engine advances
+        # it with each sampled token); None for unguided requests and once finished.
+        self.grammar: xgrammar.GrammarMatcher | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,9 +2,82 @@
 
 from __future__ import annotations
 
+import json as json_lib
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class GuidedDecodingParams:
+    """Constrains a request's output to a structure (vLLM's names). Exactly one of json,
+    json_object, regex, choice and grammar is set; the engine compiles it when the request
+    is added, and a spec that does not compile is a ValueError there."""
+
+    json: str | dict | None = None  # a JSON schema, as a dict or its JSON text
+    json_object: bool = False  # any JSON object (OpenAI's response_format json_object)
+    regex: str | None = None  # the whole output matches it
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # EBNF (GBNF dialect, root rule `root`), as xgrammar parses it
+    # JSON only: allow any whitespace between tokens instead of the one canonical layout
+    # (`{"a": 1, "b": [2, 3]}`). Off by default because small models, once allowed, tend to
+    # emit runs of newlines until max_tokens.
+    any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice is not None and not isinstance(self.choice, str):
+            self.choice = list(self.choice)
+        kinds = [k for k in ("json", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(
+                "GuidedDecodingParams needs exactly one of json, json_object, regex, choice, "
+                f"grammar; got {', '.join(kinds) if kinds else 'none'}"
+            )
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    json_lib.loads(self.json)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"GuidedDecodingParams.json must be a JSON schema; its text is not "
+                        f"valid JSON: {exc}"
+                    ) from None
+            elif not isinstance(self.json, dict):
+                raise ValueError(
+                    "GuidedDecodingParams.json must be a JSON schema as a dict or its JSON "
+                    f"text, got {type(self.json).__name__}"
+                )
+        if self.json_object is not False and self.json_object is not True:
+            raise ValueError(
+                f"GuidedDecodingParams.json_object must be a bool, got {self.json_object!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(
+                    f"GuidedDecodingParams.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None and (
+            isinstance(self.choice, str)
+            or not self.choice
+            or any(not isinstance(c, str) or not c for c in self.choice)
+        ):
+            raise ValueError(
+                "GuidedDecodingParams.choice must be a non-empty list of non-empty strings, "
+                f"got {self.choice!r}"
+            )
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "json_object", "regex", "choice" or "grammar"."""
+        if self.json is not None:
+            return "json"
+        if self.json_object:
+            return "json_object"
+        if self.regex is not None:
+            return "regex"
+        if self.choice is not None:
+            return "choice"
+        return "grammar"
 
 
 @dataclass(slots=True)
@@ -30,6 +103,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    guided_decoding: GuidedDecodingParams | None = None
     # Filled by the engine from the model's generation config; not user-facing.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -98,6 +172,16 @@ class SamplingParams:
                         f"SamplingParams.logit_bias entries must map token ids >= 0 to biases in "
                         f"[-100, 100], got {token_id}: {bias}"
                     )
+        if self.guided_decoding is not None:
+            if not isinstance(self.guided_decoding, GuidedDecodingParams):
+                raise bad("guided_decoding", "a GuidedDecodingParams or None")
+            if self.min_tokens:
+                # Once the structure is complete only a stop token may follow, which
+                # min_tokens would forbid: no token would be left to sample.
+                raise ValueError(
+                    "SamplingParams.min_tokens cannot be combined with guided_decoding "
+                    "(the grammar decides where the output ends)"
+                )
 
     @property
     def greedy(self) -> bool:

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
 from engine.embedding import AsyncEmbeddingEngine
+from server.errors import APIError, error_body
 from server.metrics import ServerMetrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -31,7 +32,7 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.serving import APIError, OpenAIServing, OpenAIServingEmbedding, error_body
+from server.serving import OpenAIServing, OpenAIServingEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +165,14 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
               api_key: str | None = None, chat_template: str | None = None, *,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               embedding_engine: AsyncEmbeddingEngine | None = None,
-              embedding_model_name: str | None = None) -> FastAPI:
+              embedding_model_name: str | None = None,
+              tool_call_parser: str = "hermes") -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine (and, for /v1/embeddings, an
-    AsyncEmbeddingEngine); shuts them down when the app stops (its lifespan)."""
+    AsyncEmbeddingEngine); shuts them down when the app stops (its lifespan).
+    `tool_call_parser`: how tool calls are read from tool_choice "auto" output."""
     metrics = ServerMetrics(async_engine)
-    serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics)
+    serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics,
+                            tool_parser=tool_call_parser)
     serving_embedding = OpenAIServingEmbedding(embedding_engine, embedding_model_name,
                                                served_model_names)
 

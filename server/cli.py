@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from server.tool_parsers import TOOL_PARSERS
+
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -159,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                max_waiting_requests=args.max_waiting_requests)
     embedding_engine = load_embedding_engine(args, logger)
     app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
-                    embedding_engine=embedding_engine)
+                    embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser)
     logger.info("Serving %s (max_model_len=%d) on http://%s:%d/v1%s", ", ".join(names),
                    async_engine.engine.max_model_len, args.host, args.port,
                    " (API key required)" if args.api_key else "")
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None,
                        help="a Jinja chat template (file path or the template itself) "
                             "instead of the tokenizer's")
+    serve.add_argument("--tool-call-parser", default="hermes", choices=sorted(TOOL_PARSERS),
+                       help="the model's tool-call format, read from the output when "
+                            "tool_choice is \"auto\" (hermes: <tool_call>{...}</tool_call>, "
+                            "which the default tool prompt asks for)")
     serve.add_argument("--embedding-model", default=None, metavar="PATH",
                        help="sentence-transformers HF directory to serve on /v1/embeddings "
                             "(default: the embedded all-MiniLM-L6-v2, if installed)")

@@ -24,6 +24,8 @@ from engine.async_engine import (
 from engine.embedding import AsyncEmbeddingEngine, InputTooLongError
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
+from server.errors import APIError, error_body
+from server.guided import guided_decoding
 from server.metrics import ServerMetrics
 from server.protocol import (
     ChatChoice,
@@ -45,15 +47,17 @@ from server.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
-    ErrorInfo,
-    ErrorResponse,
+    FunctionCall,
     SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCall,
     TopLogprob,
     UsageInfo,
     sampling_kwargs,
 )
+from server.tool_parsers import StreamDelta, ToolCallStream, get_tool_parser
+from server.tools import ToolPlan, conversation, template_knows_tools, tool_dicts
 
 # JSON has no -inf; OpenAI and vLLM clamp to this.
 _MIN_LOGPROB = -9999.0
@@ -86,23 +90,6 @@ class _ChoiceStream:
         self.sent_tokens = end
         self.finished = out.finish_reason is not None
         return text, start, end
-
-
-class APIError(Exception):
-    """An error the client caused (or an overloaded/dead engine), in OpenAI's terms."""
-
-    def __init__(self, message: str, status_code: int = 400,
-                 type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.status_code = message, status_code
-        self.type, self.param, self.code = type, param, code
-
-
-def error_body(error: APIError) -> dict:
-    """OpenAI's error JSON."""
-    return ErrorResponse(error=ErrorInfo(message=error.message, type=error.type,
-                                         param=error.param, code=error.code)).model_dump()
 
 
 def engine_error(exc: BaseException) -> APIError | None:
@@ -173,20 +160,57 @@ def _clamp(logprob: float) -> float:
     return max(float(logprob), _MIN_LOGPROB)
 
 
+def _finish_reason(engine_reason: str | None, reader: ToolCallStream | None) -> str | None:
+    """A choice that ended by itself after calling tools finished with "tool_calls"."""
+    if engine_reason == "stop" and reader is not None and reader.calls:
+        return "tool_calls"
+    return engine_reason
+
+
+def _split_delta(delta: StreamDelta) -> list[dict[str, Any]]:
+    """`delta` as chat chunk deltas: content first; a call's opening entry and its arguments
+    go in separate chunks, as OpenAI streams them (one entry per call index per chunk)."""
+    deltas: list[dict[str, Any]] = [{"content": delta.content}] if delta.content else []
+    for entry in delta.tool_calls:
+        current = deltas[-1].setdefault("tool_calls", []) if deltas else None
+        if current is None or any(e["index"] == entry["index"] for e in current):
+            deltas.append({"tool_calls": [entry]})
+        else:
+            current.append(entry)
+    return deltas
+
+
+async def _naming_guide(work, guide_field: str | None):
+    """Await `work`; a bad guide the engine rejects (say, a schema it cannot compile) is a
+    400 naming the request field that gave it."""
+    try:
+        return await work
+    except APIError as exc:
+        # The engine says "invalid guided_decoding.<kind>: <why>".
+        if guide_field is not None and exc.param is None and "guided_decoding" in exc.message:
+            exc.param = guide_field
+            exc.message = f"{guide_field}: {exc.message}"
+        raise
+
+
 class OpenAIServing:
     """Turns validated OpenAI requests into engine requests and engine outputs back."""
 
     def __init__(self, async_engine: AsyncEngine, served_model_names: list[str],
                  chat_template: str | None = None, metrics: ServerMetrics | None = None,
-                 ) -> None:
+                 tool_parser: str = "hermes") -> None:
         if not served_model_names:
             raise ValueError("served_model_names must name at least one model")
         self.async_engine = async_engine
         self.served_model_names = list(served_model_names)
         self.chat_template = chat_template
         self.metrics = metrics
+        self.tool_parser = get_tool_parser(tool_parser)  # for tool_choice "auto"
         llm = async_engine.engine
         self.tokenizer = llm.tokenizer
+        # Templates that know no tools get the default tool prompt (server/tools.py).
+        self.template_knows_tools = template_knows_tools(
+            chat_template or getattr(self.tokenizer, "chat_template", None))
         self.max_model_len = llm.max_model_len
         self.vocab_size = llm.hf_config.vocab_size
 
@@ -307,16 +331,18 @@ class OpenAIServing:
         yield _sse("[DONE]")
 
     # ---- chat completions -------------------------------------------------------------
-    def render_chat(self, messages: list[ChatMessage],
-                    add_generation_prompt: bool) -> tuple[str, list[int]]:
-        """The chat template's text and its token ids."""
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    tools: list[dict] | None = None) -> tuple[str, list[int]]:
+        """The chat template's text and its token ids; `tools` go in the prompt (through
+        the template, or as the default tool prompt where the template knows none)."""
         tokenizer = self._need_tokenizer("chat messages")
-        conversation = [{**(m.model_extra or {}), "role": m.role, "content": m.text()}
-                        for m in messages]
+        knows_tools = self.template_knows_tools
+        kwargs = {"tools": tools} if tools and knows_tools else {}
         try:
             text = tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=self.chat_template)
+                conversation(messages, tools, knows_tools), tokenize=False,
+                add_generation_prompt=add_generation_prompt, chat_template=self.chat_template,
+                **kwargs)
         except Exception as exc:  # no template, or the template rejected the messages
             raise APIError(f"cannot apply the chat template: {exc}", param="messages") from None
         # The template already holds the special tokens (BOS included, if any).
@@ -324,25 +350,30 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest):
         model = self.model_name(request.model)
-        text, prompt_ids = self.render_chat(request.messages, request.add_generation_prompt)
+        plan = ToolPlan.from_request(request)
+        guide, guide_field = guided_decoding(request, plan.guide_schema)
+        text, prompt_ids = self.render_chat(request.messages, request.add_generation_prompt,
+                                            plan.prompt_tools)
         max_tokens = (request.max_completion_tokens if request.max_completion_tokens is not None
                       else request.max_tokens)
         self.check_length(len(prompt_ids), max_tokens, "messages")
         top_n = request.top_logprobs or 0
         params = self.sampling_params(request, max_tokens=max_tokens,
-                                      logprobs=top_n if request.logprobs else None)
+                                      logprobs=top_n if request.logprobs else None,
+                                      guided_decoding=guide)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         merged = merge_async_iterators(self.generate(
             request_id, {"prompt": text, "prompt_token_ids": prompt_ids}, params))
+        new_reader = lambda: plan.new_reader(self.tool_parser)  # noqa: E731
         if not request.stream:
-            (final,) = await self._collect(merged, 1)
-            return JSONResponse(self._chat_response(request_id, model, final, top_n)
+            (final,) = await _naming_guide(self._collect(merged, 1), guide_field)
+            return JSONResponse(self._chat_response(request_id, model, final, top_n, new_reader)
                                 .model_dump(mode="json"))
-        first = await self._first(merged)
+        first = await _naming_guide(self._first(merged), guide_field)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         chunks = lambda outputs: self._chat_chunks(  # noqa: E731
             outputs, request_id, model, request.n, len(prompt_ids), include_usage,
-            request.logprobs, top_n)
+            request.logprobs, top_n, new_reader)
         return StreamingResponse(self._stream(merged, first, chunks),
                                  media_type="text/event-stream")
 
@@ -360,14 +391,23 @@ class OpenAIServing:
         return ChatChoiceLogprobs(content=content)
 
     def _chat_response(self, request_id: str, model: str, final: RequestOutput,
-                       top_n: int) -> ChatCompletionResponse:
+                       top_n: int, new_reader) -> ChatCompletionResponse:
         choices = []
         for out in final.outputs:
+            reader = new_reader()
+            if reader is None:
+                message = ChatResponseMessage(content=out.text)
+            else:
+                content, calls = reader.parse(out.text)
+                message = ChatResponseMessage(content=content, tool_calls=[
+                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in calls])
             choices.append(ChatChoice(
-                index=out.index, message=ChatResponseMessage(content=out.text),
+                index=out.index, message=message,
                 logprobs=(self._chat_logprobs(out.token_ids, out.logprobs, top_n)
                           if out.logprobs is not None else None),
-                finish_reason=out.finish_reason, stop_reason=out.stop_reason))
+                finish_reason=_finish_reason(out.finish_reason, reader),
+                stop_reason=out.stop_reason))
         num_generated = sum(len(out.token_ids) for out in final.outputs)
         usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids),
                           completion_tokens=num_generated,
@@ -376,7 +416,7 @@ class OpenAIServing:
 
     async def _chat_chunks(self, outputs, request_id: str, model: str, n: int,
                            num_prompt_tokens: int, include_usage: bool, want_logprobs: bool,
-                           top_n: int) -> AsyncIterator[str]:
+                           top_n: int, new_reader) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -386,6 +426,7 @@ class OpenAIServing:
         for i in range(n):
             yield chunk([ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})])
         streams = [_ChoiceStream() for _ in range(n)]
+        readers = [new_reader() for _ in range(n)]
         async for _, output in outputs:
             for out in output.outputs:
                 delta = streams[out.index].advance(out, want_logprobs)
@@ -396,10 +437,23 @@ class OpenAIServing:
                 if want_logprobs:
                     logprobs = self._chat_logprobs(out.token_ids[start:end],
                                                    out.logprobs[start:end], top_n)
-                yield chunk([ChatStreamChoice(
-                    index=out.index, delta={"content": text} if text else {},
-                    logprobs=logprobs, finish_reason=out.finish_reason,
-                    stop_reason=out.stop_reason)])
+                reader = readers[out.index]
+                if reader is None:
+                    deltas = [{"content": text}] if text else []
+                else:
+                    read = reader.feed(text)
+                    if out.finish_reason is not None:
+                        read.extend(reader.finish())
+                    deltas = _split_delta(read)
+                if not deltas and logprobs is None and out.finish_reason is None:
+                    continue  # held back: may be the start of tool-call markup
+                deltas = deltas or [{}]
+                for k, d in enumerate(deltas):
+                    last = k == len(deltas) - 1
+                    yield chunk([ChatStreamChoice(
+                        index=out.index, delta=d, logprobs=logprobs if k == 0 else None,
+                        finish_reason=_finish_reason(out.finish_reason, reader) if last else None,
+                        stop_reason=out.stop_reason if last else None)])
         if include_usage:
             total = sum(s.num_generated for s in streams)
             yield chunk([], UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=total,
@@ -411,7 +465,8 @@ class OpenAIServing:
         if (request.prompt is None) == (request.messages is None):
             raise APIError("give exactly one of prompt and messages", param="prompt")
         if request.messages is not None:
-            _, ids = self.render_chat(request.messages, request.add_generation_prompt)
+            _, ids = self.render_chat(request.messages, request.add_generation_prompt,
+                                      tool_dicts(request.tools))
         else:
             tokenizer = self._need_tokenizer("tokenize")
             ids = tokenizer(request.prompt,
@@ -454,9 +509,10 @@ class OpenAIServing:
         for _, ids in prompts:
             self.check_length(len(ids), request.max_tokens, "prompt")
         echo_logprobs = request.echo and request.logprobs is not None
+        guide, guide_field = guided_decoding(request)
         params = self.sampling_params(
             request, max_tokens=request.max_tokens, logprobs=request.logprobs,
-            prompt_logprobs=request.logprobs if echo_logprobs else None)
+            prompt_logprobs=request.logprobs if echo_logprobs else None, guided_decoding=guide)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generators = []
         for i, (text, ids) in enumerate(prompts):
@@ -469,10 +525,10 @@ class OpenAIServing:
         echo_texts = [self._echo_text(text, ids) if request.echo else ""
                       for text, ids in prompts]
         if not request.stream:
-            finals = await self._collect(merged, len(prompts))
+            finals = await _naming_guide(self._collect(merged, len(prompts)), guide_field)
             return JSONResponse(self._completion_response(
                 request_id, model, finals, request, echo_texts).model_dump(mode="json"))
-        first = await self._first(merged)
+        first = await _naming_guide(self._first(merged), guide_field)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         chunks = lambda outputs: self._completion_chunks(  # noqa: E731
             outputs, request_id, model, request, prompts, echo_texts, include_usage)

@@ -1,6 +1,7 @@
 """A real uvicorn server on a free 127.0.0.1 port, in a background thread, over a tiny
 random-weight model with the embedded model's tokenizer (so text endpoints work); the
-`server_with_embeddings` one also serves the embedded all-MiniLM-L6-v2."""
+`server_with_embeddings` one also serves the embedded all-MiniLM-L6-v2, `long_server` has
+room for tool prompts (1024 tokens), and `real_server` serves the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ MODEL_NAME = "tiny"
 ALIAS = "tiny-alias"
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_MODEL_LEN = 256
+LONG_MAX_MODEL_LEN = 1024  # a tool prompt alone is ~250 tokens
+REAL_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 @dataclass
@@ -29,6 +32,23 @@ class RunningServer:
     @property
     def v1(self) -> str:
         return self.base_url + "/v1"
+
+
+def assert_openai_error(response, status: int, param: str | None = None) -> dict:
+    """`response` is an error in OpenAI's shape with this status (and param); its body."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def assert_invalid_request(response, param: str) -> str:
+    """A 400 invalid_request_error naming `param`; its message."""
+    error = assert_openai_error(response, 400, param)
+    assert error["type"] == "invalid_request_error"
+    return error["message"]
 
 
 def _free_port() -> int:
@@ -103,5 +123,32 @@ def server_with_embeddings(tiny_model_dir, embedding_engine):
                     embedding_engine=AsyncEmbeddingEngine(embedding_engine),
                     embedding_model_name=EMBEDDING_MODEL_NAME)
     running = start_server(app, async_engine)
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def long_server(tmp_path_factory):
+    """The tiny model with a 1024-token context, shared by the structured-output and tool
+    tests (guided decoding makes even its random output well-formed)."""
+    from server.app import build_app
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-long"), "llama",
+                                 vocab_size=49152, max_position_embeddings=LONG_MAX_MODEL_LEN)
+    async_engine = make_async_engine(model_dir)
+    running = start_server(build_app(async_engine, [MODEL_NAME]), async_engine)
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def real_server():
+    """The embedded SmolLM2-135M-Instruct, for tests where the output must make sense."""
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+    from server.app import build_app
+
+    async_engine = AsyncEngine(EngineConfig(kv_cache_memory=256 << 20))
+    running = start_server(build_app(async_engine, [REAL_MODEL_NAME]), async_engine)
     yield running
     stop_server(running)

@@ -18,6 +18,9 @@ def test_serve_parses_its_options(monkeypatch):
     assert args.served_model_name == ["a", "b"] and args.max_waiting_requests == 4
     assert args.api_key == "from-env" and args.log_level == "info"
     assert build_parser().parse_args(["serve", "--api-key", "k"]).api_key == "k"
+    assert args.tool_call_parser == "hermes"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--tool-call-parser", "no-such-format"])
 
 
 def test_chat_template_override(server, tmp_path):

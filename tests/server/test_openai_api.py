@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import ALIAS, MAX_MODEL_LEN, MODEL_NAME
+from tests.server.conftest import ALIAS, MAX_MODEL_LEN, MODEL_NAME, assert_openai_error
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Name three colors."}]
@@ -164,46 +164,37 @@ def test_chat_logprobs(client):
     assert [e.token for e in streamed] == [e.token for e in content]
 
 
-def _assert_openai_error(response: httpx.Response, status: int, param: str | None = None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param
-    return error
-
-
 def test_errors_have_openai_shape_and_server_stays_up(client, http):
     chat = dict(model=MODEL_NAME, messages=MESSAGES, max_tokens=4)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(**{**chat, "model": "no-such-model"})
-    error = _assert_openai_error(
+    error = assert_openai_error(
         http.post("/v1/chat/completions", json={**chat, "model": "no-such-model"}), 404, "model")
     assert error["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(**chat, temperature=-1)
-    _assert_openai_error(http.post("/v1/chat/completions", json={**chat, "temperature": "hot"}),
+    assert_openai_error(http.post("/v1/chat/completions", json={**chat, "temperature": "hot"}),
                          400, "temperature")
-    _assert_openai_error(http.post("/v1/chat/completions", json={**chat, "messages": []}),
+    assert_openai_error(http.post("/v1/chat/completions", json={**chat, "messages": []}),
                          400, "messages")
-    _assert_openai_error(http.post("/v1/chat/completions", content=b'{"model": "tiny", ',
+    assert_openai_error(http.post("/v1/chat/completions", content=b'{"model": "tiny", ',
                                    headers={"content-type": "application/json"}), 400)
-    _assert_openai_error(http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "a",
+    assert_openai_error(http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "a",
                                                             "suffix": "b"}), 400, "suffix")
-    _assert_openai_error(http.post("/v1/completions", json={"prompt": [49152]}), 400, "prompt")
-    _assert_openai_error(http.post("/v1/completions", json={"prompt": "hi", "logit_bias":
+    assert_openai_error(http.post("/v1/completions", json={"prompt": [49152]}), 400, "prompt")
+    assert_openai_error(http.post("/v1/completions", json={"prompt": "hi", "logit_bias":
                                                             {"x": 1}}), 400, "logit_bias")
-    _assert_openai_error(http.post("/v1/completions", json={"prompt": "hi", "min_tokens": 9,
+    assert_openai_error(http.post("/v1/completions", json={"prompt": "hi", "min_tokens": 9,
                                                             "max_tokens": 2}), 400, "min_tokens")
     long_prompt = list(range(100, 100 + MAX_MODEL_LEN - 10))
-    error = _assert_openai_error(http.post("/v1/completions", json={
+    error = assert_openai_error(http.post("/v1/completions", json={
         "prompt": long_prompt, "max_tokens": 20}), 400, "prompt")
     assert str(MAX_MODEL_LEN) in error["message"] and str(len(long_prompt)) in error["message"]
     assert error["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
         client.chat.completions.create(model=MODEL_NAME, messages=[
             {"role": "user", "content": "hello " * MAX_MODEL_LEN}])
-    _assert_openai_error(http.get("/v1/no-such-route"), 404)
+    assert_openai_error(http.get("/v1/no-such-route"), 404)
     assert http.get("/health").status_code == 200
     ok = client.chat.completions.create(**chat)
     assert ok.choices[0].message.content is not None
@@ -282,8 +273,8 @@ def test_tokenize_and_detokenize(client, http):
     usage = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES,
                                            max_tokens=1).usage
     assert chat["count"] == usage.prompt_tokens
-    _assert_openai_error(http.post("/tokenize", json={"prompt": "a", "model": "nope"}), 404)
-    _assert_openai_error(http.post("/detokenize", json={"tokens": [-1]}), 400, "tokens")
+    assert_openai_error(http.post("/tokenize", json={"prompt": "a", "model": "nope"}), 404)
+    assert_openai_error(http.post("/detokenize", json={"tokens": [-1]}), 400, "tokens")
 
 
 def _scrape(http) -> dict[str, float]:

@@ -3,23 +3,9 @@ driven by the real openai SDK."""
 
 import pytest
 
-from tests.server.conftest import start_server, stop_server
+from tests.server.conftest import REAL_MODEL_NAME as SERVED
 
 pytestmark = pytest.mark.slow
-
-SERVED = "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module")
-def real_server():
-    from engine.async_engine import AsyncEngine
-    from engine.config import EngineConfig
-    from server.app import build_app
-
-    async_engine = AsyncEngine(EngineConfig(kv_cache_memory=256 << 20))
-    running = start_server(build_app(async_engine, [SERVED]), async_engine)
-    yield running
-    stop_server(running)
 
 
 @pytest.fixture

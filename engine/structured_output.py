@@ -1,0 +1,159 @@
+"""Structured output: compiles GuidedDecodingParams into xgrammar grammars (once per distinct
+spec) and masks each guided row's logits to the tokens its grammar allows next.
+
+xgrammar is imported only when the engine builds a StructuredOutputManager, i.e. on the first
+guided request, so an engine that never sees one never loads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.sampling_params import GuidedDecodingParams
+
+if TYPE_CHECKING:
+    import xgrammar
+
+    from engine.request import Request
+
+# Compiled grammars kept; a server whose every request brings a new schema must not grow
+# without bound. A compiled JSON schema grammar is tens to hundreds of KiB.
+_MAX_CACHED_GRAMMARS = 256
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:line: "; the user needs the rest.
+_XGRAMMAR_ERROR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+@dataclass(slots=True)
+class GrammarBitmask:
+    """One step's allowed-token masks for the guided rows of the sampled batch."""
+
+    bitmask: torch.Tensor  # [B, ceil(V / 32)] int32 on the logits' device; bit set = allowed
+    rows: list[int]  # the rows it applies to; the other rows hold stale bits and are skipped
+    vocab_size: int
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the disallowed tokens of `rows` of logits [B, V] to -inf, in place."""
+        from xgrammar import apply_token_bitmask_inplace
+
+        apply_token_bitmask_inplace(
+            logits, self.bitmask, vocab_size=self.vocab_size, indices=self.rows
+        )
+
+
+class StructuredOutputManager:
+    """Owned by the engine: compiles specs (cached), makes matchers, fills the step's bitmask.
+
+    A matcher lives on its Request (`Request.grammar`) and is advanced by the engine with each
+    token the request samples; this class keeps no per-request state.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Iterable[int],
+                 max_num_seqs: int, device: torch.device) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        self.device = device
+        # vocab_size is the model's logits width, which may exceed the tokenizer's length:
+        # xgrammar then masks the ids past the tokenizer, which no text can produce.
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
+        )
+        # Our own cache, keyed by the canonical spec, replaces xgrammar's (keyed by the raw
+        # text), so that there is one bound on memory and equal schemas written differently
+        # compile once.
+        self._compiler = xgr.GrammarCompiler(
+            info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False
+        )
+        self._cache: OrderedDict[tuple, xgrammar.CompiledGrammar] = OrderedDict()
+        self.num_compilations = 0  # cache misses, for tests and stats
+        # Rows are sampled-batch positions, and a batch never has more than max_num_seqs.
+        self._bitmask = xgr.allocate_token_bitmask(max_num_seqs, vocab_size)
+        if device.type == "cuda":
+            # Pinned, so the per-step copy to the GPU does not wait for the queued forward.
+            self._bitmask = self._bitmask.pin_memory()
+
+    # ---- compiling ------------------------------------------------------------------
+    def compile(self, guided: GuidedDecodingParams) -> xgrammar.CompiledGrammar:
+        """The compiled grammar for `guided`; ValueError naming the problem if it has none."""
+        try:
+            key = _cache_key(guided)
+        except (TypeError, ValueError) as exc:  # e.g. a schema dict holding a set
+            raise ValueError(
+                f"invalid guided_decoding.{guided.kind}: not serialisable as JSON: {exc}"
+            ) from None
+        compiled = self._cache.get(key)
+        if compiled is not None:
+            self._cache.move_to_end(key)
+            return compiled
+        try:
+            compiled = self._compile(guided)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            message = _XGRAMMAR_ERROR_PREFIX.sub("", str(exc).strip())
+            raise ValueError(f"invalid guided_decoding.{guided.kind}: {message}") from None
+        self.num_compilations += 1
+        self._cache[key] = compiled
+        if len(self._cache) > _MAX_CACHED_GRAMMARS:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, guided: GuidedDecodingParams) -> xgrammar.CompiledGrammar:
+        compiler = self._compiler
+        kind = guided.kind
+        if kind in ("json", "json_object"):
+            schema = {"type": "object"} if kind == "json_object" else guided.json
+            return compiler.compile_json_schema(schema, any_whitespace=guided.any_whitespace)
+        if kind == "regex":
+            return compiler.compile_regex(guided.regex)
+        if kind == "choice":
+            # JSON string escapes are EBNF string escapes; non-ASCII stays as it is.
+            alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in guided.choice)
+            return compiler.compile_grammar(f"root ::= {alternatives}")
+        return compiler.compile_grammar(guided.grammar)
+
+    def new_matcher(self, compiled: xgrammar.CompiledGrammar,
+                    stop_token_ids: Iterable[int]) -> xgrammar.GrammarMatcher:
+        """A matcher at the start of the output. Once the structure is complete it allows
+        only the request's stop tokens (the engine's EOS ids if the request has none, e.g.
+        with ignore_eos), and accepting one terminates it."""
+        stop = sorted(stop_token_ids)
+        return self._xgr.GrammarMatcher(compiled, override_stop_tokens=stop or None)
+
+    # ---- each step ------------------------------------------------------------------
+    def fill_bitmask(self, requests: list[Request]) -> GrammarBitmask | None:
+        """Masks for the batch that samples `requests` (in that order); None if no row
+        needs one. Runs on the CPU, from each matcher's state after the previous step."""
+        rows = [
+            i for i, req in enumerate(requests)
+            # fill returns False when it allowed every token: nothing to mask in that row.
+            if req.grammar is not None and req.grammar.fill_next_token_bitmask(self._bitmask, i)
+        ]
+        if not rows:
+            return None
+        bitmask = self._bitmask[:len(requests)]
+        if bitmask.device != self.device:
+            # The host buffer is refilled next step only after this step's token read-back
+            # has synchronised, so the copy is done by then.
+            bitmask = bitmask.to(self.device, non_blocking=True)
+        return GrammarBitmask(bitmask, rows, self.vocab_size)
+
+
+def _cache_key(guided: GuidedDecodingParams) -> tuple:
+    kind = guided.kind
+    if kind == "json":
+        schema = json.loads(guided.json) if isinstance(guided.json, str) else guided.json
+        spec = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    elif kind == "json_object":
+        spec = ""
+    elif kind == "choice":
+        spec = json.dumps(guided.choice)
+    else:
+        spec = getattr(guided, kind)
+    return kind, spec, guided.any_whitespace if kind in ("json", "json_object") else None

@@ -1,0 +1,23 @@
+"""The error every server module raises for a bad request, and its OpenAI JSON body.
+A module of its own so that helpers of server/serving.py can raise it too."""
+
+from __future__ import annotations
+
+from server.protocol import ErrorInfo, ErrorResponse
+
+
+class APIError(Exception):
+    """An error the client caused (or an overloaded/dead engine), in OpenAI's terms."""
+
+    def __init__(self, message: str, status_code: int = 400,
+                 type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status_code = message, status_code
+        self.type, self.param, self.code = type, param, code
+
+
+def error_body(error: APIError) -> dict:
+    """OpenAI's error JSON."""
+    return ErrorResponse(error=ErrorInfo(message=error.message, type=error.type,
+                                         param=error.param, code=error.code)).model_dump()
