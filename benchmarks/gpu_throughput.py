@@ -25,13 +25,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.throughput import make_workload  # noqa: E402
+from benchmarks.throughput import hf_run_workload, make_workload, run_workload  # noqa: E402
 
 
 def run_pagedserve(args, workload) -> dict:
     import torch
 
-    from engine import LLM, SamplingParams
+    from engine import LLM
 
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True,
               dtype="bfloat16", max_num_seqs=args.max_num_seqs,
@@ -43,31 +43,19 @@ def run_pagedserve(args, workload) -> dict:
     steps = []  # (seconds, tokens, requests, kv tokens read, decode-only)
     execute = runner.execute
 
-    def timed_execute(so):
+    def timed_execute(so, *args, **kwargs):
         kv_tokens = sum(r.num_computed_tokens + n
                         for r, n in zip(so.scheduled_requests, so.num_scheduled_tokens))
         start = time.perf_counter()
-        out = execute(so)  # ends in the step's one device-to-host copy: timing is exact
+        # execute ends in the step's one device-to-host copy: the timing is exact.
+        out = execute(so, *args, **kwargs)
         steps.append((time.perf_counter() - start, sum(so.num_scheduled_tokens),
                       len(so.scheduled_requests), kv_tokens,
                       max(so.num_scheduled_tokens) == 1))
         return out
 
     runner.execute = timed_execute
-    warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": w["prompt_token_ids"][:32]} for w in workload[:4]], warm,
-                 use_tqdm=False)
-    steps.clear()
-    start = time.perf_counter()
-    for i, w in enumerate(workload):
-        params = SamplingParams(max_tokens=w["max_tokens"], temperature=0, ignore_eos=True)
-        engine.add_request(f"bench-{i}", {"prompt_token_ids": w["prompt_token_ids"]}, params)
-    output_tokens = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                output_tokens += len(out.outputs[0].token_ids)
-    elapsed = time.perf_counter() - start
+    elapsed, output_tokens = run_workload(llm, workload, on_start=steps.clear)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     return {
         "elapsed_s": elapsed, "output_tokens": output_tokens, "steps": steps,
@@ -88,31 +76,8 @@ def run_hf(args, workload) -> dict:
     with torch.device("cuda"):  # random init on the GPU: seconds faster than on the CPU
         model = transformers.AutoModelForCausalLM.from_config(
             config, torch_dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    model.generation_config.eos_token_id = None  # like ignore_eos: exact lengths
-    pad_id = 0
-
-    def generate(batch):
-        width = max(len(w["prompt_token_ids"]) for w in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, w in enumerate(batch):  # left padding, as decoder-only generation needs
-            n = len(w["prompt_token_ids"])
-            ids[row, width - n:] = torch.tensor(w["prompt_token_ids"])
-            mask[row, width - n:] = 1
-        max_new = max(w["max_tokens"] for w in batch)
-        with torch.inference_mode():
-            model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(),
-                           max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                           pad_token_id=pad_id)
-        torch.cuda.synchronize()
-        return sum(w["max_tokens"] for w in batch)  # each request's own tokens only
-
-    generate([{"prompt_token_ids": w["prompt_token_ids"][:32], "max_tokens": 4}
-              for w in workload[:4]])
-    start = time.perf_counter()
-    output_tokens = sum(generate(workload[i:i + args.hf_batch_size])
-                        for i in range(0, len(workload), args.hf_batch_size))
-    return {"elapsed_s": time.perf_counter() - start, "output_tokens": output_tokens,
+    elapsed, output_tokens = hf_run_workload(model, workload, args.hf_batch_size, "cuda")
+    return {"elapsed_s": elapsed, "output_tokens": output_tokens,
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 

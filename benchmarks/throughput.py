@@ -44,21 +44,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# ---- the two runners, each executed in a child process -----------------------------
-def run_pagedserve(args, workload) -> dict:
-    import torch
+def run_workload(llm, workload: list[dict], on_step=None, on_start=None) -> tuple[float, int]:
+    """Warm the engine up, then submit the whole workload (greedy, ignore_eos) and step it
+    to completion; returns (seconds, output tokens). on_start() runs after the warm-up,
+    on_step() after every timed step."""
+    from engine import SamplingParams
 
-    from engine import LLM, SamplingParams
-
-    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False,
-              load_format=args.load_format)
     engine = llm.llm_engine
     warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": w["prompt_token_ids"][:32]} for w in workload[:4]], warm,
                  use_tqdm=False)
-    waste_samples, steps, batch_sizes = [], 0, []
+    if on_start is not None:
+        on_start()
     start = time.perf_counter()
     for i, w in enumerate(workload):
         params = SamplingParams(max_tokens=w["max_tokens"], temperature=0, ignore_eos=True)
@@ -68,12 +65,69 @@ def run_pagedserve(args, workload) -> dict:
         for out in engine.step():
             if out.finished:
                 output_tokens += len(out.outputs[0].token_ids)
-        steps += 1
+        if on_step is not None:
+            on_step()
+    return time.perf_counter() - start, output_tokens
+
+
+def hf_run_workload(model, workload: list[dict], batch_size: int, device: str,
+                    ) -> tuple[float, int]:
+    """The workload through HF `generate` in static batches of batch_size, in arrival
+    order, after a small warm-up; returns (seconds, output tokens a user of plain
+    transformers actually gets: each request's own max_tokens)."""
+    import torch
+
+    model.generation_config.eos_token_id = None  # like ignore_eos: exact lengths
+    pad_id = 0
+
+    def generate(batch) -> int:
+        # Left padding, as decoder-only generation needs; every row runs to the batch's
+        # longest output.
+        width = max(len(w["prompt_token_ids"]) for w in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, w in enumerate(batch):
+            n = len(w["prompt_token_ids"])
+            ids[row, width - n:] = torch.tensor(w["prompt_token_ids"])
+            mask[row, width - n:] = 1
+        max_new = max(w["max_tokens"] for w in batch)
+        with torch.inference_mode():
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                           pad_token_id=pad_id)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return sum(w["max_tokens"] for w in batch)
+
+    generate([{"prompt_token_ids": w["prompt_token_ids"][:32], "max_tokens": 4}
+              for w in workload[:4]])
+    start = time.perf_counter()
+    output_tokens = sum(generate(workload[i:i + batch_size])
+                        for i in range(0, len(workload), batch_size))
+    return time.perf_counter() - start, output_tokens
+
+
+# ---- the two runners, each executed in a child process -----------------------------
+def run_pagedserve(args, workload) -> dict:
+    import torch
+
+    from engine import LLM
+
+    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False,
+              load_format=args.load_format)
+    engine = llm.llm_engine
+    waste_samples, batch_sizes = [], []
+
+    def on_step():
         stats = engine.kv_cache_stats()
         if stats.allocated_slots:
             waste_samples.append(stats.waste)
         batch_sizes.append(len(engine.scheduler.running))
-    elapsed = time.perf_counter() - start
+
+    elapsed, output_tokens = run_workload(llm, workload, on_step)
+    steps = len(batch_sizes)
     return {
         "elapsed_s": elapsed,
         "output_tokens": output_tokens,
@@ -102,32 +156,7 @@ def run_hf(args, workload) -> dict:
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype)
     model.eval()
-    model.generation_config.eos_token_id = None  # like ignore_eos: exact lengths
-    pad_id = 0
-
-    def generate(batch):
-        width = max(len(w["prompt_token_ids"]) for w in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, w in enumerate(batch):  # left padding, as decoder-only generation needs
-            n = len(w["prompt_token_ids"])
-            ids[row, width - n:] = torch.tensor(w["prompt_token_ids"])
-            mask[row, width - n:] = 1
-        max_new = max(w["max_tokens"] for w in batch)
-        with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                           min_new_tokens=max_new, do_sample=False, pad_token_id=pad_id)
-        # A plain-transformers user gets each request's own tokens only.
-        return sum(w["max_tokens"] for w in batch)
-
-    generate([{"prompt_token_ids": w["prompt_token_ids"][:32], "max_tokens": 4}
-              for w in workload[:4]])
-    start = time.perf_counter()
-    output_tokens = 0
-    bs = args.hf_batch_size
-    for i in range(0, len(workload), bs):
-        output_tokens += generate(workload[i:i + bs])
-    elapsed = time.perf_counter() - start
+    elapsed, output_tokens = hf_run_workload(model, workload, args.hf_batch_size, "cpu")
     return {"elapsed_s": elapsed, "output_tokens": output_tokens,
             "torch_threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib()}
 
