@@ -158,6 +158,9 @@ class KVCacheManager:
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_to_hashes: dict[str, list[BlockHash]] = {}
+        # How many of a request's leading blocks are already published in the cache, so
+        # each step publishes only the blocks it filled (not every full block again).
+        self.req_to_num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_stats = PrefixCacheStats()
 
     @property
@@ -224,14 +227,18 @@ class KVCacheManager:
         # Safe to publish before the step runs: each attention layer writes every new
         # token's KV before any query of the batch reads the cache.
         hashes = self._block_hashes(request)
-        for i in range(min(num_tokens // self.block_size, len(hashes))):
+        start = self.req_to_num_cached_blocks.get(request.request_id, 0)
+        end = min(num_tokens // self.block_size, len(hashes))
+        for i in range(start, end):
             self.block_pool.cache_block(blocks[i], hashes[i])
+        self.req_to_num_cached_blocks[request.request_id] = max(start, end)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first, so that a prefix's last blocks are
         evicted before its first ones (which more requests are likely to share)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.req_to_hashes.pop(request.request_id, None)
+        self.req_to_num_cached_blocks.pop(request.request_id, None)
         self.block_pool.free_blocks(reversed(blocks))
 
     def get_block_ids(self, request_id: str) -> list[int]:

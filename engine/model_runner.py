@@ -225,12 +225,20 @@ class ModelRunner:
         block_table = np.zeros((len(so.scheduled_requests), max_blocks), dtype=np.int32)
         for i, (req, n) in enumerate(zip(so.scheduled_requests, so.num_scheduled_tokens)):
             start, offset = req.num_computed_tokens, query_start_loc[-1]
-            input_ids.extend(req.all_token_ids[start:start + n])
-            pos = np.arange(start, start + n)
-            blocks = np.asarray(req.block_ids, dtype=np.int64)
-            positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
+            blocks = req.block_ids
             block_table[i, :len(blocks)] = blocks
+            if n == 1:
+                # A decode (most rows of a busy step): plain ints, no array per request; at
+                # batch 256 this loop is host time the GPU waits for.
+                input_ids.append(req.all_token_ids[start])
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(req.all_token_ids[start:start + n])
+                pos = np.arange(start, start + n)
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(blocks, dtype=np.int64)[pos // bs] * bs
+                              + pos % bs).tolist())
             query_start_loc.append(offset + n)
             seq_lens.append(start + n)
             if start + n == req.num_tokens:
@@ -245,7 +253,7 @@ class ModelRunner:
         dev = self.device
         md = AttentionMetadata(
             num_tokens=len(input_ids),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_table=torch.from_numpy(block_table).to(dev),
@@ -258,7 +266,7 @@ class ModelRunner:
         )
         inputs = (
             torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.from_numpy(np.concatenate(positions)).to(dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
         )
         return inputs, md, logits_indices, sampling_reqs, prompt_lp_reqs
 
