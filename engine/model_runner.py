@@ -157,7 +157,6 @@ class ModelRunner:
         shape = (2, sum(blocks), bs, self.num_kv_heads, self.head_dim)
         caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                   for _ in range(self.hf_config.num_hidden_layers)]
-        cache_bytes = sum(c.numel() * c.element_size() for c in caches)
         table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
         first = 0
         for i, n in enumerate(blocks):
@@ -182,7 +181,7 @@ class ModelRunner:
         )
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
+        base = torch.cuda.memory_allocated(dev)  # weights and the temporary caches
         self.attn_backend.prepare(md)
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=dev),
                             positions.to(dev), caches, md)
@@ -191,7 +190,7 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base
         del hidden, logits, caches
-        return max(peak - cache_bytes, 0)
+        return max(peak, 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # K and V apart ([2, ...], as vLLM's flash layout): a block's keys are one contiguous
