@@ -110,6 +110,19 @@ def check_kernels() -> dict:
                 errs[f"split_kv_{splits}"] = err
                 ok &= torch.allclose(split_out.float(), expected.float(), **TOLERANCES[dtype])
             results[f"{name}_{str(dtype)[6:]}"] = {"ok": bool(ok), "max_abs_err": errs}
+        # A 1000-token sliding window over long contexts, both kernels.
+        seq_lens, query_lens = [3000, 4500, 1200, 800], [600, 1, 1, 1]
+        q, cache, table, seq_lens_t, qsl = paged_batch(seq_lens, query_lens, 32, 8, 128, 16,
+                                                       dtype)
+        expected = paged_attention_ref(q, cache, table, seq_lens_t, qsl, 0.09,
+                                       sliding_window=1000)
+        out = paged_attention(q, cache, table, seq_lens_t, qsl, 0.09, 600, sliding_window=1000)
+        ok = torch.allclose(out.float(), expected.float(), **TOLERANCES[dtype])
+        decode = slice(1, 4)
+        split_out = paged_attention_split_kv(q[600:], cache, table[decode], seq_lens_t[decode],
+                                             0.09, 4, sliding_window=1000)
+        ok &= torch.allclose(split_out.float(), expected[600:].float(), **TOLERANCES[dtype])
+        results[f"sliding_window_1000_long_ctx_{str(dtype)[6:]}"] = {"ok": bool(ok)}
         # Cache write into a large cache (int64 slot arithmetic).
         cache = torch.zeros(2, 40000, 16, 8, 128, dtype=dtype, device="cuda")
         ref_cache = cache.clone()

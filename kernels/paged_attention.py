@@ -20,17 +20,19 @@ import triton.language as tl
 # Real GPUs reject tl.dot with fewer than 16 rows, so a tile always has at least 16.
 _MIN_TILE_ROWS = 16
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NO_WINDOW = 1 << 30  # a sliding window no context reaches (positions stay int32)
 
 
 @triton.jit
 def _attend_cache_blocks(
     q, q_pos, m_i, l_i, acc, cache_ptr, block_table_row_ptr, kv_head,
-    first_block, last_block, kv_end, scale_log2,
+    first_block, last_block, kv_end, window, scale_log2,
     stride_c_kv, stride_c_block, stride_c_off, stride_c_head,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Online-softmax update of (m_i, l_i, acc) over cache blocks [first_block, last_block)
-    of one request: keys at positions < kv_end and <= each row's q_pos."""
+    of one request: keys at positions < kv_end, <= each row's q_pos and > q_pos - window
+    (the sliding window; a window >= the context length is plain causal attention)."""
     dims = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_SIZE)
     kv_off = offs_n[:, None] * stride_c_off + kv_head * stride_c_head + dims[None, :]
@@ -48,7 +50,8 @@ def _attend_cache_blocks(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale_log2  # [rows, BLOCK_SIZE], log2 units
-        attend = key_mask[None, :] & (key_pos[None, :] <= q_pos[:, None])
+        attend = (key_mask[None, :] & (key_pos[None, :] <= q_pos[:, None])
+                  & (key_pos[None, :] > q_pos[:, None] - window))
         s = tl.where(attend, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -66,7 +69,7 @@ def _attend_cache_blocks(
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, cache_ptr, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2,
+    scale_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_off, stride_c_head,
     stride_bt,
@@ -106,16 +109,25 @@ def _paged_attention_kernel(
     last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len)
     kv_end = tl.where(last_q > q_block * BLOCK_Q, ctx_start + last_q, 0)
     num_kv_blocks = tl.cdiv(kv_end, BLOCK_SIZE)
+    # Blocks wholly before the tile's first query's window are never read.
+    first_block = tl.maximum(ctx_start + q_block * BLOCK_Q - window + 1, 0) // BLOCK_SIZE
 
     m_i, l_i, acc = _attend_cache_blocks(
         q, q_pos, m_i, l_i, acc, cache_ptr, block_table_ptr + seq * stride_bt, kv_head,
-        0, num_kv_blocks, kv_end, scale_log2,
+        first_block, num_kv_blocks, kv_end, window, scale_log2,
         stride_c_kv, stride_c_block, stride_c_off, stride_c_head,
         HEAD_DIM, BLOCK_SIZE, DOT_FP32)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def _window_arg(sliding_window: int | None) -> int:
+    """The kernels' window: no sliding window is one wider than any context."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window {sliding_window}: must be >= 1 or None")
+    return sliding_window or _NO_WINDOW
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -128,7 +140,7 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 @triton.jit
 def _split_kv_decode_kernel(
     q_ptr, cache_ptr, partial_out_ptr, partial_lse_ptr, block_table_ptr, seq_lens_ptr,
-    scale_log2,
+    scale_log2, window,
     stride_qt, stride_qh,
     stride_c_kv, stride_c_block, stride_c_off, stride_c_head,
     stride_bt,
@@ -158,13 +170,16 @@ def _split_kv_decode_kernel(
     # Each request cuts its own context (no host-side bound needed, so a CUDA graph can
     # replay it at any length); a short context fills only the first few slices, and the
     # slices past its end are empty and report lse = -inf.
+    # The slices cover the blocks the query's window reaches, [window_block, num_blocks).
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    blocks_per_split = tl.maximum(tl.cdiv(num_blocks, NUM_SPLITS), MIN_BLOCKS_PER_SPLIT)
-    first_block = split * blocks_per_split
+    window_block = tl.maximum(seq_len - window, 0) // BLOCK_SIZE
+    blocks_per_split = tl.maximum(tl.cdiv(num_blocks - window_block, NUM_SPLITS),
+                                  MIN_BLOCKS_PER_SPLIT)
+    first_block = window_block + split * blocks_per_split
     last_block = tl.minimum(first_block + blocks_per_split, num_blocks)
     m_i, l_i, acc = _attend_cache_blocks(
         q, q_pos, m_i, l_i, acc, cache_ptr, block_table_ptr + seq * stride_bt, kv_head,
-        first_block, last_block, seq_len, scale_log2,
+        first_block, last_block, seq_len, window, scale_log2,
         stride_c_kv, stride_c_block, stride_c_off, stride_c_head,
         HEAD_DIM, BLOCK_SIZE, DOT_FP32)
 
@@ -222,11 +237,13 @@ def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                    max_query_len: int, out: torch.Tensor | None = None,
+                    sliding_window: int | None = None) -> torch.Tensor:
     """q [num_tokens, num_heads, head_dim] -> out like q.
 
     max_query_len is a host-side bound on any request's query length this step (the
-    grid is sized from it, so deciding the launch needs no device sync)."""
+    grid is sized from it, so deciding the launch needs no device sync). With a
+    sliding_window W, a query sees only the W latest positions up to its own (HF's rule)."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -253,7 +270,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.
         block_table,  # [num_seqs, max_blocks_per_seq] int32
         seq_lens,  # [num_seqs] int32: context length after this step
         query_start_loc,  # [num_seqs + 1] int32
-        scale * math.log2(math.e),
+        scale * math.log2(math.e), _window_arg(sliding_window),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_table.stride(0),
@@ -290,7 +307,8 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size
 def paged_attention_split_kv(q: torch.Tensor, kv_cache: torch.Tensor,
                              block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                              num_splits: int, out: torch.Tensor | None = None,
-                             min_blocks_per_split: int | None = None) -> torch.Tensor:
+                             min_blocks_per_split: int | None = None,
+                             sliding_window: int | None = None) -> torch.Tensor:
     """Flash-decoding for a decode-only batch (one query token per request, token i of q
     belongs to request i): q [num_seqs, num_heads, head_dim] -> out like q.
 
@@ -322,7 +340,7 @@ def paged_attention_split_kv(q: torch.Tensor, kv_cache: torch.Tensor,
         partial_lse,  # [num_seqs, num_heads, num_splits] fp32, log2 units
         block_table,  # [num_seqs, max_blocks_per_seq] int32
         seq_lens,  # [num_seqs] int32: context length after this step
-        scale * math.log2(math.e),
+        scale * math.log2(math.e), _window_arg(sliding_window),
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_table.stride(0),
@@ -344,7 +362,7 @@ def paged_attention_split_kv(q: torch.Tensor, kv_cache: torch.Tensor,
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+                        scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Slow reference: per sequence, gather the context, mask causally, softmax in fp32."""
     num_heads = q.shape[1]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -364,7 +382,10 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         query = q[start:end].float()  # [q_len, H, D]
         scores = torch.einsum("qhd,khd->hqk", query, key) * scale
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos  # [q_len, ctx]
+        key_pos = torch.arange(seq_len, device=q.device)[None, :]
+        visible = key_pos <= q_pos  # [q_len, ctx]
+        if sliding_window is not None:
+            visible &= key_pos > q_pos - sliding_window
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = scores.softmax(dim=-1)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, value).to(q.dtype)

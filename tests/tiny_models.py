@@ -22,7 +22,7 @@ def make_config(arch: str, **overrides):
     if arch == "llama":
         return transformers.LlamaConfig(**shapes)
     if arch == "mistral":
-        return transformers.MistralConfig(sliding_window=None, **shapes)
+        return transformers.MistralConfig(**{"sliding_window": None, **shapes})
     if arch == "qwen2":
         return transformers.Qwen2Config(**shapes)
     if arch == "qwen3":

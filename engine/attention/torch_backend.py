@@ -7,7 +7,7 @@ over its own K/V with a plain causal SDPA, with no gather at all."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +22,31 @@ from engine.attention import AttentionMetadata
 _CALL_COST_IN_TOKENS = 400
 
 
+def _visible(q_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """[len(q_pos), num_keys] bool: a query at position p sees keys at positions <= p and,
+    with a sliding window W, > p - W (HF's rule: its W latest positions)."""
+    key_pos = torch.arange(num_keys, device=q_pos.device)[None, :]
+    visible = key_pos <= q_pos[:, None]
+    if window is not None:
+        visible &= key_pos > q_pos[:, None] - window
+    return visible
+
+
 @dataclass(slots=True)
 class _DecodeBucket:
     token_index: torch.Tensor  # [S] int64: each decode token's row in the flat batch
     block_table: torch.Tensor  # [S, num_blocks] int64
-    mask: torch.Tensor  # [S, 1, 1, max_ctx] bool: True = attend
+    q_pos: torch.Tensor  # [S] int64: each decode token's position (context length - 1)
     max_ctx: int
     # Gather buffers reused by every layer of the step: fresh multi-MB tensors per layer
     # would cost page faults comparable to the copy itself.
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    masks: dict = field(default_factory=dict)  # sliding window -> [S, 1, 1, max_ctx] bool
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self.masks:
+            self.masks[window] = _visible(self.q_pos, self.max_ctx, window)[:, None, None, :]
+        return self.masks[window]
 
 
 @dataclass(slots=True)
@@ -39,7 +55,21 @@ class _Prefill:
     end: int
     ctx_len: int  # context length after this chunk
     block_table: torch.Tensor | None  # [num_blocks] int64; None when no cached context
-    mask: torch.Tensor | None  # [1, 1, G * q_len, ctx_len] bool; None: plain causal
+    q_pos: torch.Tensor  # [q_len] int64: the chunk's positions
+    group_size: int
+    masks: dict = field(default_factory=dict)  # window -> [1, 1, G * q_len, ctx_len] bool
+
+    def plain_causal(self, window: int | None) -> bool:
+        """No cached context and no window cutting into the chunk: SDPA's own causal mask."""
+        q_len = self.end - self.start
+        return self.block_table is None and (window is None or window >= q_len)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self.masks:
+            # Query rows are ordered (head in group, position): see _attend.
+            visible = _visible(self.q_pos, self.ctx_len, window).repeat(self.group_size, 1)
+            self.masks[window] = visible[None, None]
+        return self.masks[window]
 
 
 @dataclass(slots=True)
@@ -83,33 +113,29 @@ class TorchAttentionBackend:
         block_size = md.block_size
         num_blocks = -(-max_ctx // block_size)
         seq_idx = torch.tensor(seqs, dtype=torch.long, device=device)
-        mask = (torch.arange(max_ctx, device=device)[None, :]
-                < torch.tensor(ctx_lens, device=device)[:, None])
         return _DecodeBucket(
             token_index=torch.tensor([qsl[i] for i in seqs], dtype=torch.long, device=device),
             block_table=md.block_table[seq_idx, :num_blocks].long(),
-            mask=mask[:, None, None, :],
+            q_pos=torch.tensor(ctx_lens, device=device) - 1,
             max_ctx=max_ctx,
         )
 
     def _prefill(self, md: AttentionMetadata, i: int, qsl: list[int]) -> _Prefill:
         q_len, ctx_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
-        if ctx_len == q_len:
-            return _Prefill(qsl[i], qsl[i] + q_len, ctx_len, None, None)
         device = md.slot_mapping.device
-        num_blocks = -(-ctx_len // md.block_size)
-        # Query j sits at absolute position ctx_len - q_len + j and sees keys up to it.
+        # Query j sits at absolute position ctx_len - q_len + j.
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
-        mask = torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None]  # [q, ctx]
-        # Query rows are ordered (head in group, position): see _attend.
-        mask = mask.repeat(self.group_size, 1)[None, None]
-        return _Prefill(qsl[i], qsl[i] + q_len, ctx_len,
-                        md.block_table[i, :num_blocks].long(), mask)
+        block_table = None
+        if ctx_len > q_len:
+            block_table = md.block_table[i, :-(-ctx_len // md.block_size)].long()
+        return _Prefill(qsl[i], qsl[i] + q_len, ctx_len, block_table, q_pos, self.group_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, md: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
-        kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns like q."""
+        kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns like q.
+        With a sliding_window W, each query sees only its W latest positions."""
         write_kv_cache(k, v, kv_cache, md.slot_mapping)
         state: _State = md.backend_state
         out = torch.empty_like(q)
@@ -118,14 +144,19 @@ class TorchAttentionBackend:
                 bucket.buffers = _gather_buffers(kv_cache, bucket.block_table)
             key, value = _gather(kv_cache, bucket.block_table, bucket.max_ctx, bucket.buffers)
             query = q[bucket.token_index]  # [S, H, D]
-            out[bucket.token_index] = _attend(query[:, None], key, value, bucket.mask, scale)[:, 0]
+            mask = bucket.mask(sliding_window)
+            out[bucket.token_index] = _attend(query[:, None], key, value, mask, scale)[:, 0]
         for p in state.prefills:
-            if p.block_table is None:
+            if p.plain_causal(sliding_window):
                 out[p.start:p.end] = _causal(q[p.start:p.end], k[p.start:p.end],
                                              v[p.start:p.end], scale)
+                continue
+            if p.block_table is None:  # the chunk's own K/V are its whole context
+                key, value = k[None, p.start:p.end], v[None, p.start:p.end]
             else:
                 key, value = _gather(kv_cache, p.block_table[None], p.ctx_len)
-                out[p.start:p.end] = _attend(q[None, p.start:p.end], key, value, p.mask, scale)[0]
+            out[p.start:p.end] = _attend(q[None, p.start:p.end], key, value,
+                                         p.mask(sliding_window), scale)[0]
         return out
 
 

@@ -40,7 +40,8 @@ class TritonAttentionBackend:
         md.backend_state = splits if splits > 1 else 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, md: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         self._reshape_and_cache(
             k, v,  # [num_tokens, num_kv_heads, head_dim]
             kv_cache,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
@@ -54,6 +55,7 @@ class TritonAttentionBackend:
                 md.seq_lens,  # [num_seqs] int32
                 scale,
                 md.backend_state,  # number of splits
+                sliding_window=sliding_window,
             )
         return self._paged_attention(
             q,  # [num_tokens, num_heads, head_dim]
@@ -63,4 +65,5 @@ class TritonAttentionBackend:
             md.query_start_loc,  # [num_seqs + 1] int32
             scale,
             md.max_query_len,  # host int: sizes the grid without a device sync
+            sliding_window=sliding_window,
         )

@@ -1,5 +1,6 @@
-"""The Llama family in one file: Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2 (qkv bias)
-and Qwen3 (per-head q/k RMSNorm). Attention goes through the engine's paged backend."""
+"""The Llama family in one file: Llama 2/3, SmolLM2, TinyLlama, Mistral (sliding window),
+Qwen2 (qkv bias) and Qwen3 (per-head q/k RMSNorm). Attention goes through the engine's paged
+backend."""
 
 from __future__ import annotations
 
@@ -107,6 +108,18 @@ class StepRope:
         return x * self.cos + torch.cat([-x2, x1], dim=-1) * self.sin
 
 
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The layer's sliding window as HF applies it: per `layer_types` where the config has
+    them (Qwen2/3: "sliding_attention" layers), else the config's sliding_window on every
+    layer (Mistral); None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None
+                          and layer_types[layer_idx] != "sliding_attention"):
+        return None
+    return int(window)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx: int, backend, qkv_bias: bool, o_bias: bool,
                  qk_norm: bool) -> None:
@@ -122,6 +135,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.sliding_window = layer_sliding_window(config, layer_idx)
         self.backend = backend
 
     def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor,
@@ -135,7 +149,7 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         # Queries and keys rotate together: one set of elementwise ops instead of two.
         q, k = rope.apply(qk).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = self.backend.forward(q, k, v, kv_cache, md, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

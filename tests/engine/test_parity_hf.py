@@ -18,6 +18,11 @@ ARCHS = {
     "llama": dict(arch="llama"),  # GQA 4:2, untied
     "llama_tied_mha": dict(arch="llama", tie_word_embeddings=True, num_key_value_heads=4),
     "mistral": dict(arch="mistral"),
+    # A window shorter than most prompts: keys older than 8 positions drop out.
+    "mistral_sliding_window": dict(arch="mistral", sliding_window=8),
+    # Layer 0 full attention, layer 1 a 12-token window (layer_types from max_window_layers).
+    "qwen2_sliding_layers": dict(arch="qwen2", use_sliding_window=True, sliding_window=12,
+                                 max_window_layers=1),
     "qwen2": dict(arch="qwen2"),  # qkv bias
     "qwen3": dict(arch="qwen3", tie_word_embeddings=True),  # q/k norm, head_dim != hidden/heads
 }

@@ -162,6 +162,32 @@ def test_paged_attention_loose_max_query_len_bound():
     torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [1, 5, 16, 37])
+def test_sliding_window_unified_and_split_kv(window, dtype):
+    """A sliding window W: each query sees its W latest positions (HF's rule). Windows
+    smaller than a block, equal to one and spanning several, over mixed and decode batches;
+    the split-KV path cuts only the blocks the window reaches."""
+    seed = 300 + window
+    query_lens, seq_lens = _make_batch("mixed", 16, random.Random(seed))
+    q, kv_cache, block_table, seq_lens_t, query_start_loc = _paged_inputs(
+        query_lens, seq_lens, NUM_KV_HEADS * 2, 32, 16, dtype, seed)
+    out = paged_attention(q, kv_cache, block_table, seq_lens_t, query_start_loc, 0.3,
+                          max_query_len=max(query_lens), sliding_window=window)
+    expected = paged_attention_ref(q, kv_cache, block_table, seq_lens_t, query_start_loc, 0.3,
+                                   sliding_window=window)
+    torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
+
+    seq_lens = [1, 15, 16, 17, 60, 100]
+    q, kv_cache, block_table, seq_lens_t, query_start_loc = _paged_inputs(
+        [1] * len(seq_lens), seq_lens, NUM_KV_HEADS * 2, 32, 16, dtype, seed)
+    split = paged_attention_split_kv(q, kv_cache, block_table, seq_lens_t, 0.3, num_splits=3,
+                                     min_blocks_per_split=1, sliding_window=window)
+    expected = paged_attention_ref(q, kv_cache, block_table, seq_lens_t, query_start_loc, 0.3,
+                                   sliding_window=window)
+    torch.testing.assert_close(split, expected, **TOLERANCES[dtype])
+
+
 def test_cache_write_then_attention_matches_torch_backend():
     """One mixed step end to end: write the new K/V with reshape_and_cache and attend with
     paged_attention, against the engine's torch backend doing both."""

@@ -11,11 +11,14 @@ from tests.tiny_models import build_tiny_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("arch, num_kv_heads", [("llama", 2), ("qwen3", 1)])
-def test_triton_backend_matches_torch_backend(tmp_path, arch, num_kv_heads):
-    # qwen3's tiny config has head_dim 32 (not hidden / heads) and q/k norms.
+@pytest.mark.parametrize("arch, num_kv_heads, extra", [
+    ("llama", 2, {}),
+    ("qwen3", 1, {}),  # head_dim 32 (not hidden / heads) and q/k norms
+    ("mistral", 2, dict(sliding_window=10)),  # windows cut into prompts and decodes
+])
+def test_triton_backend_matches_torch_backend(tmp_path, arch, num_kv_heads, extra):
     path = build_tiny_model(tmp_path / arch, arch, num_hidden_layers=1, intermediate_size=64,
-                            num_key_value_heads=num_kv_heads)
+                            num_key_value_heads=num_kv_heads, **extra)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (1, 5, 17, 33, 12)]
     prompts.append(prompts[3][:20] + [7, 8])  # a prefix-cache hit mid-prompt
