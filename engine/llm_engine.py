@@ -103,6 +103,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}  # sequence id -> sequence
         self._parents: dict[str, _UserRequest] = {}  # user request id -> its sequences
         self._parent_of: dict[str, str] = {}
+        self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
         # Built on the first guided request, so unguided use never loads xgrammar.
         self.structured_output: StructuredOutputManager | None = None
         logger.info("Engine ready in %.1fs: %s on %s (%s), max_model_len=%d",
@@ -250,10 +251,11 @@ class LLMEngine:
                 index = chunk.first_index + j
                 if index < len(req.prompt_logprobs):
                     continue  # recomputed after preemption: already recorded
-                entry = {req.prompt_token_ids[index]: Logprob(lp)}
+                token_id = req.prompt_token_ids[index]
+                entry = {token_id: Logprob(lp, None, self._token_text(req, token_id))}
                 for rank, (tid, tlp) in enumerate(zip(chunk.topk_token_ids[j],
                                                       chunk.topk_logprobs[j]), start=1):
-                    entry.setdefault(tid, Logprob(tlp, rank))
+                    entry.setdefault(tid, Logprob(tlp, rank, self._token_text(req, tid)))
                 req.prompt_logprobs.append(entry)
         finished: list[tuple[Request, RequestStatus]] = []
         for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
@@ -288,10 +290,20 @@ class LLMEngine:
                                               result.topk_logprobs[i]), start=1):
             if rank > req.sampling_params.logprobs:
                 break
-            entry[tid] = Logprob(tlp, rank)
-        entry.setdefault(token_id, Logprob(lp))
+            entry[tid] = Logprob(tlp, rank, self._token_text(req, tid))
+        entry.setdefault(token_id, Logprob(lp, None, self._token_text(req, token_id)))
         # The sampled token first, as vLLM orders them.
         req.logprobs.append({token_id: entry.pop(token_id), **entry})
+
+    def _token_text(self, req: Request, token_id: int) -> str | None:
+        """Logprob.decoded_token: the token's own text (None without detokenization).
+        Cached: logprobs=20 asks for 21 of these per generated token."""
+        if self.tokenizer is None or not req.sampling_params.detokenize:
+            return None
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
         params = req.sampling_params

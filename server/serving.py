@@ -277,7 +277,9 @@ class OpenAIServing:
         except (ValueError, TypeError) as exc:
             raise engine_error(exc) from None
 
-    def token_str(self, token_id: int) -> str:
+    def token_str(self, token_id: int, logprob: Logprob | None = None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token  # the engine decoded it already (cached there)
         if self.tokenizer is None:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id])
@@ -383,10 +385,10 @@ class OpenAIServing:
         for token_id, entry in zip(token_ids, logprobs):
             top = sorted((lp.rank, t, lp) for t, lp in entry.items()
                          if lp.rank is not None and lp.rank <= top_n)
-            token = self.token_str(token_id)
+            token = self.token_str(token_id, entry[token_id])
             content.append(ChatTokenLogprob(
                 token=token, logprob=_clamp(entry[token_id]), bytes=list(token.encode()),
-                top_logprobs=[TopLogprob(token=(s := self.token_str(t)), logprob=_clamp(lp),
+                top_logprobs=[TopLogprob(token=(s := self.token_str(t, lp)), logprob=_clamp(lp),
                                          bytes=list(s.encode())) for _, t, lp in top]))
         return ChatChoiceLogprobs(content=content)
 
@@ -546,7 +548,7 @@ class OpenAIServing:
                              ) -> CompletionLogprobs:
         result = into or CompletionLogprobs()
         for token_id, entry in zip(token_ids, logprobs):
-            token = self.token_str(token_id)
+            token = self.token_str(token_id, entry[token_id] if entry else None)
             result.tokens.append(token)
             result.text_offset.append(offset)
             offset += len(token)
@@ -556,7 +558,7 @@ class OpenAIServing:
                 continue
             result.token_logprobs.append(_clamp(entry[token_id]))
             result.top_logprobs.append({
-                self.token_str(t): _clamp(lp) for t, lp in entry.items()
+                self.token_str(t, lp): _clamp(lp) for t, lp in entry.items()
                 if t == token_id or (lp.rank is not None and lp.rank <= top_n)})
         return result
 

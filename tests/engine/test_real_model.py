@@ -71,3 +71,18 @@ def test_stop_string_and_streaming_text(llm):
     out = llm.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0]
     assert "Paris" not in out.text
     assert out.finish_reason == "stop" and out.stop_reason == "Paris"
+
+
+def test_logprobs_carry_decoded_tokens(llm):
+    """Logprob.decoded_token is each token's own text, for sampled, top-k and prompt
+    entries alike (as vLLM fills it)."""
+    tokenizer = llm.llm_engine.tokenizer
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2)
+    out = llm.generate(["The capital of France is"], params, use_tqdm=False)[0]
+    entries = [e for e in out.outputs[0].logprobs] + [e for e in out.prompt_logprobs if e]
+    assert len(entries) > 4
+    for entry in entries:
+        for token_id, logprob in entry.items():
+            assert logprob.decoded_token == tokenizer.decode([token_id])
+    assert "".join(next(iter(e.values())).decoded_token
+                   for e in out.outputs[0].logprobs) == out.outputs[0].text
