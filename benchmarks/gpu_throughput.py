@@ -25,7 +25,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.throughput import hf_run_workload, make_workload, run_workload  # noqa: E402
+from benchmarks.throughput import (  # noqa: E402
+    add_child_args,
+    hf_run_workload,
+    make_workload,
+    run_as_child,
+    run_workload,
+)
 
 
 def run_pagedserve(args, workload) -> dict:
@@ -132,15 +138,10 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--bandwidth-gb-s", type=float, default=None,
                    help="measured copy bandwidth (default: measure it here)")
-    p.add_argument("--child", choices=["pagedserve", "hf"], help=argparse.SUPPRESS)
-    p.add_argument("--workload-file", type=Path, help=argparse.SUPPRESS)
+    add_child_args(p)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
-
-    if args.child:
-        workload = json.loads(args.workload_file.read_text())
-        runner = run_pagedserve if args.child == "pagedserve" else run_hf
-        print(json.dumps(runner(args, workload)))
+    if run_as_child(args, run_pagedserve, run_hf):
         return
 
     config = json.loads(args.config.read_text())

@@ -162,6 +162,22 @@ def run_hf(args, workload) -> dict:
 
 
 # ---- orchestration ------------------------------------------------------------------
+def add_child_args(parser: argparse.ArgumentParser) -> None:
+    """The hidden options a benchmark passes to its own child processes."""
+    parser.add_argument("--child", choices=["pagedserve", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--workload-file", type=Path, help=argparse.SUPPRESS)
+
+
+def run_as_child(args, run_pagedserve, run_hf) -> bool:
+    """In a child process (--child): run one engine on the workload file and print its
+    result as the last stdout line. False in the parent."""
+    if not args.child:
+        return False
+    workload = json.loads(args.workload_file.read_text())
+    runner = run_pagedserve if args.child == "pagedserve" else run_hf
+    print(json.dumps(runner(args, workload)))
+    return True
+
 def run_child(runner: str, args, workload_path: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", runner, "--workload-file", str(workload_path)]
     for key in ("model", "dtype", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
@@ -284,14 +300,9 @@ def main() -> None:
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--tag", default="cpu_smollm2")
-    p.add_argument("--child", choices=["pagedserve", "hf"], help=argparse.SUPPRESS)
-    p.add_argument("--workload-file", type=Path, help=argparse.SUPPRESS)
+    add_child_args(p)
     args = p.parse_args()
-
-    if args.child:
-        workload = json.loads(args.workload_file.read_text())
-        runner = run_pagedserve if args.child == "pagedserve" else run_hf
-        print(json.dumps(runner(args, workload)))
+    if run_as_child(args, run_pagedserve, run_hf):
         return
 
     config = load_config(args.model)

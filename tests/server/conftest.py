@@ -33,6 +33,18 @@ class RunningServer:
     def v1(self) -> str:
         return self.base_url + "/v1"
 
+    def openai_client(self):
+        """The real OpenAI SDK pointed at this server (no retries: errors surface)."""
+        import openai
+
+        return openai.OpenAI(base_url=self.v1, api_key="unused", max_retries=0, timeout=60)
+
+    def http_client(self):
+        """A plain httpx client for this server's routes, as a context manager."""
+        import httpx
+
+        return httpx.Client(base_url=self.base_url, timeout=60)
+
 
 def assert_openai_error(response, status: int, param: str | None = None) -> dict:
     """`response` is an error in OpenAI's shape with this status (and param); its body."""
@@ -139,6 +151,17 @@ def long_server(tmp_path_factory):
     running = start_server(build_app(async_engine, [MODEL_NAME]), async_engine)
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def long_client(long_server):
+    return long_server.openai_client()
+
+
+@pytest.fixture(scope="module")
+def long_http(long_server):
+    with long_server.http_client() as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

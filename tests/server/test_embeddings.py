@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import re
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -20,13 +19,12 @@ TEXTS = ["The cat sat on the mat.", "Paged attention keeps the KV cache in block
 
 @pytest.fixture(scope="module")
 def client(server_with_embeddings):
-    return openai.OpenAI(base_url=server_with_embeddings.v1, api_key="unused", max_retries=0,
-                         timeout=60)
+    return server_with_embeddings.openai_client()
 
 
 @pytest.fixture(scope="module")
 def http(server_with_embeddings):
-    with httpx.Client(base_url=server_with_embeddings.base_url, timeout=60) as c:
+    with server_with_embeddings.http_client() as c:
         yield c
 
 

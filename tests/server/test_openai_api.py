@@ -19,12 +19,12 @@ GREEDY = dict(temperature=0, max_tokens=12)
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+    return server.openai_client()
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+    with server.http_client() as c:
         yield c
 
 

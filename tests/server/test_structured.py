@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import jsonschema
-import openai
 import pytest
 
 from tests.server.conftest import MODEL_NAME, REAL_MODEL_NAME
@@ -27,17 +25,6 @@ PET_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PE
                                                      "strict": True}}
 
 
-@pytest.fixture(scope="module")
-def client(long_server):
-    return openai.OpenAI(base_url=long_server.v1, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(long_server):
-    with httpx.Client(base_url=long_server.base_url, timeout=60) as c:
-        yield c
-
-
 def streamed_texts(stream, n: int = 1) -> tuple[list[str], list[str | None]]:
     texts, reasons = [""] * n, [None] * n
     for chunk in stream:
@@ -48,87 +35,87 @@ def streamed_texts(stream, n: int = 1) -> tuple[list[str], list[str | None]]:
     return texts, reasons
 
 
-def test_json_schema_sampled_n2_and_greedy_stream(client):
-    sampled = client.chat.completions.create(
+def test_json_schema_sampled_n2_and_greedy_stream(long_client):
+    sampled = long_client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, response_format=PET_FORMAT, n=2, temperature=1.0,
         seed=3, max_tokens=60)
     for choice in sampled.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), PET)
         assert choice.message.tool_calls in (None, [])
-    greedy = client.chat.completions.create(
+    greedy = long_client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, response_format=PET_FORMAT, temperature=0,
         max_tokens=60)
     jsonschema.validate(json.loads(greedy.choices[0].message.content), PET)
-    texts, reasons = streamed_texts(client.chat.completions.create(
+    texts, reasons = streamed_texts(long_client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, response_format=PET_FORMAT, temperature=0,
         max_tokens=60, stream=True))
     assert texts == [greedy.choices[0].message.content] and reasons == ["stop"]
 
 
-def test_guided_fields_on_both_endpoints(client):
+def test_guided_fields_on_both_endpoints(long_client):
     # guided_json as JSON text, on /v1/completions, two prompts, streamed
-    texts, reasons = streamed_texts(client.completions.create(
+    texts, reasons = streamed_texts(long_client.completions.create(
         model=MODEL_NAME, prompt=["A pet:", "Another pet:"], max_tokens=60, temperature=0,
         stream=True, extra_body={"guided_json": json.dumps(PET)}), n=2)
     for text in texts:
         jsonschema.validate(json.loads(text), PET)
     assert reasons == ["stop", "stop"]
     # response_format works on /v1/completions too (as in vLLM)
-    out = client.completions.create(model=MODEL_NAME, prompt="A pet:", max_tokens=60,
-                                    temperature=0, extra_body={"response_format": PET_FORMAT})
+    out = long_client.completions.create(model=MODEL_NAME, prompt="A pet:", max_tokens=60,
+                                         temperature=0, extra_body={"response_format": PET_FORMAT})
     jsonschema.validate(json.loads(out.choices[0].text), PET)
-    choice = client.completions.create(model=MODEL_NAME, prompt="Is it?", max_tokens=10,
-                                       n=3, temperature=1.0, seed=0,
-                                       extra_body={"guided_choice": ["yes", "no way"]})
+    choice = long_client.completions.create(model=MODEL_NAME, prompt="Is it?", max_tokens=10,
+                                            n=3, temperature=1.0, seed=0,
+                                            extra_body={"guided_choice": ["yes", "no way"]})
     assert {c.text for c in choice.choices} <= {"yes", "no way"}
     regex = r"\d{3}-[a-z]{2}"
-    chat = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=20,
-                                          temperature=0, extra_body={"guided_regex": regex})
+    chat = long_client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=20,
+                                               temperature=0, extra_body={"guided_regex": regex})
     assert re.fullmatch(regex, chat.choices[0].message.content)
     assert chat.choices[0].finish_reason == "stop"
     grammar = 'root ::= "x" ("y" | "z") "!"'
-    chat = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=20,
-                                          temperature=0, extra_body={"guided_grammar": grammar})
+    chat = long_client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=20,
+                                               temperature=0,
+                                               extra_body={"guided_grammar": grammar})
     assert chat.choices[0].message.content in ("xy!", "xz!")
-    text = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3,
-                                          temperature=0, response_format={"type": "text"})
+    text = long_client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3,
+                                               temperature=0, response_format={"type": "text"})
     assert text.usage.completion_tokens <= 3  # text: no constraint, plain generation
 
 
-def test_bad_constraints_are_400s_naming_the_field(http, client):
+def test_bad_constraints_are_400s_naming_the_field(long_http, long_client):
     chat = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 8}
     bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"type": "no-such-type"}}}}}
-    message = invalid(http.post("/v1/chat/completions",
+    message = invalid(long_http.post("/v1/chat/completions",
                                json={**chat, "response_format": bad_schema}), "response_format")
     assert "no-such-type" in message
-    invalid(http.post("/v1/chat/completions", json={**chat, "stream": True,
+    invalid(long_http.post("/v1/chat/completions", json={**chat, "stream": True,
                                                    "response_format": bad_schema}),
            "response_format")
-    invalid(http.post("/v1/chat/completions", json={**chat, "response_format": {
+    invalid(long_http.post("/v1/chat/completions", json={**chat, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x"}}}), "response_format")
-    invalid(http.post("/v1/chat/completions", json={**chat, "response_format": {
+    invalid(long_http.post("/v1/chat/completions", json={**chat, "response_format": {
         "type": "yaml"}}), "response_format")
-    invalid(http.post("/v1/completions", json={"prompt": "x", "guided_regex": "(unclosed"}),
+    invalid(long_http.post("/v1/completions", json={"prompt": "x", "guided_regex": "(unclosed"}),
            "guided_regex")
-    invalid(http.post("/v1/completions", json={"prompt": "x", "guided_json": "{not json"}),
+    invalid(long_http.post("/v1/completions", json={"prompt": "x", "guided_json": "{not json"}),
            "guided_json")
-    message = invalid(http.post("/v1/chat/completions", json={
+    message = invalid(long_http.post("/v1/chat/completions", json={
         **chat, "guided_regex": "a+", "guided_choice": ["a"]}), "guided_choice")
     assert "guided_regex" in message and "guided_choice" in message
-    invalid(http.post("/v1/chat/completions", json={
+    invalid(long_http.post("/v1/chat/completions", json={
         **chat, "response_format": {"type": "json_object"}, "guided_json": PET}), "guided_json")
     # the server is still fine
-    ok = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=30,
-                                        temperature=0, response_format=PET_FORMAT)
+    ok = long_client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=30,
+                                             temperature=0, response_format=PET_FORMAT)
     jsonschema.validate(json.loads(ok.choices[0].message.content), PET)
 
 
 @pytest.mark.slow
 def test_json_object_with_the_real_model(real_server):
-    client = openai.OpenAI(base_url=real_server.v1, api_key="unused", max_retries=0,
-                           timeout=60)
+    client = real_server.openai_client()
     messages = [{"role": "user", "content": "Give the name and age of a person as JSON."}]
     kwargs = dict(model=REAL_MODEL_NAME, messages=messages, temperature=0, max_tokens=80,
                   response_format={"type": "json_object"})

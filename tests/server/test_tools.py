@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import jsonschema
-import openai
 import pytest
 from fastapi.testclient import TestClient
 
@@ -32,17 +30,6 @@ TOOLS = [
 SCHEMAS = {"get_weather": WEATHER, "get_alerts": ALERTS,
            "now": {"type": "object", "maxProperties": 0}}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
-
-
-@pytest.fixture(scope="module")
-def client(long_server):
-    return openai.OpenAI(base_url=long_server.v1, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(long_server):
-    with httpx.Client(base_url=long_server.base_url, timeout=60) as c:
-        yield c
 
 
 def assert_valid_calls(calls) -> list[tuple[str, dict]]:
@@ -78,23 +65,23 @@ def reassemble(stream, n: int = 1):
              reasons[i]) for i in range(n)]
 
 
-def test_named_tool_choice_returns_that_call(client):
-    out = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS,
-                                         tool_choice=NAMED, n=2, temperature=1.0, seed=5,
-                                         max_tokens=40)
+def test_named_tool_choice_returns_that_call(long_client):
+    out = long_client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS,
+                                              tool_choice=NAMED, n=2, temperature=1.0, seed=5,
+                                              max_tokens=40)
     for choice in out.choices:
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         calls = assert_valid_calls(choice.message.tool_calls)
         assert [name for name, _ in calls] == ["get_weather"]
-    no_args = client.chat.completions.create(
+    no_args = long_client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=40,
         tool_choice={"type": "function", "function": {"name": "now"}})
     assert assert_valid_calls(no_args.choices[0].message.tool_calls) == [("now", {})]
 
 
-def test_required_tool_choice_calls_some_tool(client):
+def test_required_tool_choice_calls_some_tool(long_client):
     for seed in range(3):
-        out = client.chat.completions.create(
+        out = long_client.chat.completions.create(
             model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="required",
             parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=60)
         choice = out.choices[0]
@@ -103,14 +90,14 @@ def test_required_tool_choice_calls_some_tool(client):
 
 
 @pytest.mark.parametrize("tool_choice", [NAMED, "required"])
-def test_streamed_calls_reassemble_into_the_non_streamed_ones(client, tool_choice):
+def test_streamed_calls_reassemble_into_the_non_streamed_ones(long_client, tool_choice):
     # (without `now`, whose arguments are just "{}": every call here has arguments to stream)
     kwargs = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS[:2],
                   tool_choice=tool_choice, parallel_tool_calls=False, temperature=0,
                   max_tokens=60)
-    whole = client.chat.completions.create(**kwargs)
+    whole = long_client.chat.completions.create(**kwargs)
     expected = assert_valid_calls(whole.choices[0].message.tool_calls)
-    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    chunks = list(long_client.chat.completions.create(**kwargs, stream=True))
     (content, calls, reason), = reassemble(chunks)
     assert (content, calls, reason) == ("", expected, "tool_calls")
     fragments = [e for c in chunks for e in c.choices[0].delta.tool_calls or ()
@@ -124,30 +111,30 @@ HERMES_REGEX = (r'Checking[.]\n<tool_call>\n\{"name": "get_weather", "arguments"
                 r'\{"city": "(Oslo|Lima)", "celsius": (true|false)\}\}\n</tool_call>')
 
 
-def test_auto_reads_hermes_calls_from_the_output(client):
+def test_auto_reads_hermes_calls_from_the_output(long_client):
     kwargs = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, temperature=1.0, seed=1,
                   max_tokens=120, n=2, extra_body={"guided_regex": HERMES_REGEX})
-    whole = client.chat.completions.create(**kwargs)
+    whole = long_client.chat.completions.create(**kwargs)
     for choice in whole.choices:
         assert choice.message.content == "Checking."
         assert choice.finish_reason == "tool_calls"
         assert [name for name, _ in assert_valid_calls(choice.message.tool_calls)] == [
             "get_weather"]
-    streamed = reassemble(client.chat.completions.create(**kwargs, stream=True), n=2)
+    streamed = reassemble(long_client.chat.completions.create(**kwargs, stream=True), n=2)
     assert streamed == [(c.message.content, assert_valid_calls(c.message.tool_calls),
                          "tool_calls") for c in whole.choices]
     # free text without markup is plain content
-    plain = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS,
-                                           temperature=0, max_tokens=8)
+    plain = long_client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS,
+                                                temperature=0, max_tokens=8)
     assert plain.choices[0].message.tool_calls in (None, [])
     assert plain.choices[0].finish_reason in ("stop", "length")
 
 
-def test_tool_choice_none_leaves_the_tools_out(client):
+def test_tool_choice_none_leaves_the_tools_out(long_client):
     kwargs = dict(model=MODEL_NAME, messages=MESSAGES, temperature=0, max_tokens=4)
-    bare = client.chat.completions.create(**kwargs)
-    none = client.chat.completions.create(**kwargs, tools=TOOLS, tool_choice="none")
-    auto = client.chat.completions.create(**kwargs, tools=TOOLS)
+    bare = long_client.chat.completions.create(**kwargs)
+    none = long_client.chat.completions.create(**kwargs, tools=TOOLS, tool_choice="none")
+    auto = long_client.chat.completions.create(**kwargs, tools=TOOLS)
     assert none.usage.prompt_tokens == bare.usage.prompt_tokens
     assert none.choices[0].message.content == bare.choices[0].message.content
     assert auto.usage.prompt_tokens > bare.usage.prompt_tokens + 100  # the tool prompt
@@ -161,12 +148,13 @@ HISTORY = MESSAGES + [
 ]
 
 
-def test_multi_turn_with_tool_results(client, http):
-    out = client.chat.completions.create(model=MODEL_NAME, messages=HISTORY, tools=TOOLS,
-                                         tool_choice="none", temperature=0, max_tokens=4)
+def test_multi_turn_with_tool_results(long_client, long_http):
+    out = long_client.chat.completions.create(model=MODEL_NAME, messages=HISTORY, tools=TOOLS,
+                                              tool_choice="none", temperature=0, max_tokens=4)
     assert out.choices[0].message.content is not None
-    tokens = http.post("/tokenize", json={"messages": HISTORY, "tools": TOOLS}).json()["tokens"]
-    prompt = http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+    tokens = long_http.post("/tokenize",
+                            json={"messages": HISTORY, "tools": TOOLS}).json()["tokens"]
+    prompt = long_http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
     # SmolLM2's template knows no tools: the default prompt and Hermes text stand in.
     assert "<tools>" in prompt and '"name": "get_alerts"' in prompt
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
@@ -197,18 +185,18 @@ def test_a_template_that_knows_tools_renders_them_itself(long_server):
                       "tool: -3 and snowing [for call_abc]|")
 
 
-def test_bad_tool_requests_are_400s(http):
+def test_bad_tool_requests_are_400s(long_http):
     chat = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 8}
-    assert "nope" in invalid(http.post("/v1/chat/completions", json={
+    assert "nope" in invalid(long_http.post("/v1/chat/completions", json={
         **chat, "tools": TOOLS, "tool_choice": {"type": "function", "function": {
             "name": "nope"}}}), "tool_choice")
-    invalid(http.post("/v1/chat/completions", json={**chat, "tool_choice": "required"}),
+    invalid(long_http.post("/v1/chat/completions", json={**chat, "tool_choice": "required"}),
            "tool_choice")
-    invalid(http.post("/v1/chat/completions", json={**chat, "tools": TOOLS,
+    invalid(long_http.post("/v1/chat/completions", json={**chat, "tools": TOOLS,
                                                    "tool_choice": "sometimes"}), "tool_choice")
-    invalid(http.post("/v1/chat/completions", json={**chat, "tools": [
+    invalid(long_http.post("/v1/chat/completions", json={**chat, "tools": [
         {"type": "function", "function": {"name": "bad name!"}}]}), "tools")
-    invalid(http.post("/v1/chat/completions", json={
+    invalid(long_http.post("/v1/chat/completions", json={
         **chat, "tools": TOOLS, "tool_choice": "required",
         "response_format": {"type": "json_object"}}), "response_format")
-    assert http.get("/health").status_code == 200
+    assert long_http.get("/health").status_code == 200
