@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -143,33 +144,27 @@ class ModelRunner:
         blocks_per_seq = -(-self.max_model_len // self.block_size)
         return int(min(num_blocks, 2 * blocks_per_seq * max_num_seqs))
 
-    @torch.inference_mode()
-    def _profile_activation_bytes(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
-        """Peak memory of the largest step (a full token budget of prefill, logits for
-        max_num_seqs rows) beyond the weights, measured by running it on dummy inputs."""
-        num_tokens = max_num_batched_tokens
+    def dummy_prefill(self, num_tokens: int):
+        """Inputs of a prefill-only step of num_tokens dummy tokens, as sequences of up to
+        max_model_len, each over its own consecutive blocks of a fresh cache:
+        (input_ids, positions, kv_caches, metadata)."""
+        bs, dev = self.block_size, self.device
         seq_len = min(num_tokens, self.max_model_len)
         seq_lens = [seq_len] * (num_tokens // seq_len)
         if num_tokens % seq_len:
             seq_lens.append(num_tokens % seq_len)
-        bs = self.block_size
         blocks = [-(-n // bs) for n in seq_lens]
-        shape = (2, sum(blocks), bs, self.num_kv_heads, self.head_dim)
-        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                  for _ in range(self.hf_config.num_hidden_layers)]
+        first_blocks = [0, *accumulate(blocks)][:-1]
+        starts = [0, *accumulate(seq_lens)]
         table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
-        first = 0
-        for i, n in enumerate(blocks):
-            table[i, :n] = torch.arange(first, first + n)
-            first += n
-        starts = [0]
-        for n in seq_lens:
-            starts.append(starts[-1] + n)
-        positions = torch.cat([torch.arange(n) for n in seq_lens])
-        # Each sequence's blocks are consecutive, so its slots are too.
-        slots = torch.cat([first * bs + torch.arange(n) for first, n in
-                           zip(table[:, 0].tolist(), seq_lens)])
-        dev = self.device
+        for row, (first, n) in enumerate(zip(first_blocks, blocks)):
+            table[row, :n] = torch.arange(first, first + n)
+        # A sequence's blocks are consecutive, so its slots are too.
+        slots = torch.cat([first * bs + torch.arange(n)
+                           for first, n in zip(first_blocks, seq_lens)])
+        shape = (2, sum(blocks), bs, self.num_kv_heads, self.head_dim)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=dev)
+                  for _ in range(self.hf_config.num_hidden_layers)]
         md = AttentionMetadata(
             num_tokens=num_tokens,
             slot_mapping=slots.to(dev),
@@ -179,13 +174,22 @@ class ModelRunner:
             query_start_loc_cpu=starts, query_lens_cpu=seq_lens, seq_lens_cpu=seq_lens,
             max_query_len=max(seq_lens), max_seq_len=max(seq_lens),
         )
+        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(dev)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+        return input_ids, positions, caches, md
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+        """Peak memory of the largest step (a full token budget of prefill, logits for
+        max_num_seqs rows) beyond the weights, measured by running it on dummy inputs."""
+        dev = self.device
+        input_ids, positions, caches, md = self.dummy_prefill(max_num_batched_tokens)
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)  # weights and the temporary caches
         self.attn_backend.prepare(md)
-        hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=dev),
-                            positions.to(dev), caches, md)
-        logits = self.model.compute_logits(hidden[:min(num_tokens, max_num_seqs)])
+        hidden = self.model(input_ids, positions, caches, md)
+        logits = self.model.compute_logits(hidden[:min(md.num_tokens, max_num_seqs)])
         logits.softmax(dim=-1)  # the sampler's [rows, vocab] fp32 temporaries
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base

@@ -82,3 +82,24 @@ def test_packed_linear_matches_f_linear(rows):
     expected = torch.nn.functional.linear(x, weight, bias)
     torch.testing.assert_close(packed_linear(x, weight, pack_weight(weight), bias), expected,
                                atol=1e-4, rtol=1e-5)
+
+
+def test_dummy_prefill_for_gpu_memory_profiling(tiny_dir):
+    """The step the GPU KV sizing profiles (ModelRunner.dummy_prefill): a full token budget
+    split at max_model_len, every token's slot is where its block table says, and the
+    model runs on it (here on CPU, through the torch backend)."""
+    from engine import LLM
+
+    llm = LLM(model=str(tiny_dir), skip_tokenizer_init=True, max_model_len=100)
+    runner = llm.llm_engine.model_runner
+    input_ids, positions, caches, md = runner.dummy_prefill(250)
+    assert md.seq_lens_cpu == [100, 100, 50] and md.query_start_loc_cpu == [0, 100, 200, 250]
+    bs = md.block_size
+    for seq, start in enumerate(md.query_start_loc_cpu[:-1]):
+        for pos in range(md.seq_lens_cpu[seq]):
+            block = int(md.block_table[seq, pos // bs])
+            assert int(md.slot_mapping[start + pos]) == block * bs + pos % bs
+            assert int(positions[start + pos]) == pos
+    runner.attn_backend.prepare(md)
+    hidden = runner.model(input_ids, positions, caches, md)
+    assert hidden.shape[0] == 250 and torch.isfinite(hidden).all()
