@@ -50,14 +50,15 @@ def run_pagedserve(args, workload) -> dict:
     execute = runner.execute
 
     def timed_execute(so, *args, **kwargs):
-        kv_tokens = sum(r.num_computed_tokens + n
-                        for r, n in zip(so.scheduled_requests, so.num_scheduled_tokens))
+        counts = list(so.num_scheduled_tokens.values())
+        computed = ([r.num_computed_tokens for r in so.scheduled_new_reqs]
+                    + so.scheduled_cached_reqs.num_computed_tokens)
         start = time.perf_counter()
         # execute ends in the step's one device-to-host copy: the timing is exact.
         out = execute(so, *args, **kwargs)
-        steps.append((time.perf_counter() - start, sum(so.num_scheduled_tokens),
-                      len(so.scheduled_requests), kv_tokens,
-                      max(so.num_scheduled_tokens) == 1))
+        if counts:
+            steps.append((time.perf_counter() - start, sum(counts), len(counts),
+                          sum(computed) + sum(counts), max(counts) == 1))
         return out
 
     runner.execute = timed_execute

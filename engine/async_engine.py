@@ -14,9 +14,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, PromptType
+from engine.llm_engine import EngineStats, LLMEngine, ModelInfo, PromptType
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenization import AsyncTokenizer
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineStats",
+           "ModelInfo", "RequestFailedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +35,6 @@ class EngineDeadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """This request failed inside the engine; the engine and other requests carry on."""
-
-
-@dataclass(slots=True)
-class EngineStats:
-    """A snapshot for /metrics and /health; counts are sequences (n > 1 counts n)."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of KV blocks held by requests, 0..1
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens served from it
-    num_preemptions: int
 
 
 @dataclass(slots=True, eq=False)
@@ -89,11 +81,15 @@ class AsyncEngine:
                 f"max_waiting_requests must be >= 1 or None, got {max_waiting_requests}")
         self.engine = engine if engine is not None else LLMEngine(config)
         self.max_waiting_requests = max_waiting_requests
+        # Fixed once loaded, so callers read them without asking the engine thread.
+        self.model_info = self.engine.model_info
+        self._tokenizer = (AsyncTokenizer(self.engine.tokenizer)
+                           if self.engine.tokenizer is not None else None)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # in-flight requests; the engine thread's own
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
-        self._stats = self._snapshot()
+        self._stats = self.engine.stats()
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
 
@@ -105,9 +101,10 @@ class AsyncEngine:
     # ---- the event loop's side ------------------------------------------------------
     async def generate(self, request_id: str, prompt: PromptType,
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yields the request's cumulative output each step it progresses; the last has
-        finished=True. Bad input raises from the first iteration. Closing or cancelling the
-        iterator aborts the request; use `contextlib.aclosing` so that a `break` closes it
+        """Yields the request's outputs as it progresses, shaped by params.output_kind
+        (cumulative, delta: only what is new, or final only); the last has finished=True.
+        Bad input raises from the first iteration. Closing or cancelling the iterator
+        aborts the request; use `contextlib.aclosing` so that a `break` closes it
         at once rather than when it is garbage-collected."""
         self._check_alive()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -140,6 +137,11 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats  # replaced whole by the engine thread, never mutated
 
+    def get_tokenizer(self) -> AsyncTokenizer | None:
+        """The callers' tokenizer (None when the engine runs without one): its own copy,
+        used off the event loop by one worker thread, never the engine thread's."""
+        return self._tokenizer
+
     @property
     def is_healthy(self) -> bool:
         return self._dead is None and not self._closed and self._thread.is_alive()
@@ -150,6 +152,8 @@ class AsyncEngine:
             self._closed = True
             self._commands.put(_Stop(abort_in_flight))
         await asyncio.to_thread(self._thread.join)
+        if self._tokenizer is not None:
+            self._tokenizer.close()
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -181,7 +185,8 @@ class AsyncEngine:
                 except Exception as exc:
                     self._die(exc)
             if self._dead is None:
-                self._stats = self._snapshot()  # before delivery: callers see it with the outputs
+                # Before delivery: callers see it with the outputs.
+                self._stats = self.engine.stats()
             for output in outputs:
                 self._deliver(output)
         logger.info("engine loop stopped")
@@ -194,7 +199,7 @@ class AsyncEngine:
             try:
                 if self._dead is not None or stopping:
                     self._check_alive()  # raises: stopping implies _closed
-                waiting = len(self.engine.scheduler.waiting)
+                waiting = self.engine.get_num_waiting_requests()
                 if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
                     raise EngineOverloadedError(
                         f"{waiting} requests are already waiting (max_waiting_requests="
@@ -221,12 +226,8 @@ class AsyncEngine:
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = (self._streams.pop if output.finished else self._streams.get)(output.request_id)
-        if stream is None:
-            return
-        for completion in output.outputs:
-            if completion.logprobs is not None:  # the engine keeps appending to its list
-                completion.logprobs = list(completion.logprobs)
-        stream.put(output)
+        if stream is not None:
+            stream.put(output)
 
     def _die(self, cause: BaseException) -> None:
         """Fail every in-flight request; from now on the thread only refuses commands."""
@@ -238,14 +239,3 @@ class AsyncEngine:
             error.__cause__ = cause
             stream.put(error)
         self._streams.clear()
-
-    def _snapshot(self) -> EngineStats:
-        scheduler, kv = self.engine.scheduler, self.engine.kv_cache_manager
-        return EngineStats(
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
-            kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.prefix_cache_stats.queries,
-            prefix_cache_hits=kv.prefix_cache_stats.hits,
-            num_preemptions=scheduler.num_preemptions,
-        )

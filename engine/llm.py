@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, str]
 
@@ -45,7 +46,9 @@ class LLM:
             raise ValueError(
                 f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts"
             )
-        return self._run(prompts, list(sampling_params), use_tqdm)
+        # Only the finished outputs are returned, so the engine builds only those.
+        params = [replace(sp, output_kind=RequestOutputKind.FINAL_ONLY) for sp in sampling_params]
+        return self._run(prompts, params, use_tqdm)
 
     def chat(
         self,

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from engine.kv_cache import KVCacheManager
 from engine.model_runner import ModelRunner, ModelRunnerOutput
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import FINISH_REASONS, Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.structured_output import StructuredOutputManager
 
@@ -34,6 +34,15 @@ class _UserRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
+    output_kind: RequestOutputKind
+    # Delta outputs: what each child has been sent, and whether prompt logprobs went out.
+    num_sent_tokens: list[int] = field(default_factory=list)
+    finish_sent: list[bool] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+
+    def __post_init__(self) -> None:
+        self.num_sent_tokens = [0] * len(self.children)
+        self.finish_sent = [False] * len(self.children)
 
 
 @dataclass(slots=True)
@@ -46,6 +55,29 @@ class KVCacheStats:
     @property
     def waste(self) -> float:
         return 1.0 - self.filled_slots / self.allocated_slots if self.allocated_slots else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the engine's callers may know of the loaded model."""
+
+    model: str | None  # as the user named it (a directory or a .gguf); None: the default
+    model_dir: str  # the directory loaded (for a GGUF, its converted copy)
+    max_model_len: int
+    vocab_size: int
+    has_tokenizer: bool
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot for /metrics and /health; counts are sequences (n > 1 counts n)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks held by requests, 0..1
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens served from it
+    num_preemptions: int
 
 
 def load_eos_token_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
@@ -95,6 +127,7 @@ class LLMEngine:
                            self.max_model_len, capacity)
             self.max_model_len = capacity
         self.model_runner.allocate_kv_cache(num_blocks)
+        self.model_runner.init_input_batch(config.max_num_seqs, self.max_model_len)
         self.model_runner.capture_cuda_graphs(config.max_num_seqs)
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
                                                config.enable_prefix_caching)
@@ -167,15 +200,13 @@ class LLMEngine:
                 child_params.seed = params.seed + i
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             child = Request(child_id, token_ids, child_params, max_tokens, arrival_time)
-            if child_params.seed is not None:
-                child.generator = torch.Generator(self.model_runner.device)
-                child.generator.manual_seed(child_params.seed)
             if child_params.detokenize and self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
             if grammar is not None:
                 child.grammar = self.structured_output.new_matcher(grammar, stop_ids)
             children.append(child)
-        self._parents[request_id] = _UserRequest(request_id, text, token_ids, children)
+        self._parents[request_id] = _UserRequest(request_id, text, token_ids, children,
+                                                 params.output_kind)
         for child in children:
             self._requests[child.request_id] = child
             self._parent_of[child.request_id] = request_id
@@ -216,6 +247,7 @@ class LLMEngine:
             self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ABORTED)
             outputs.append(self._make_output(parent))
             self._forget(parent)
+        outputs = [o for o in outputs if o is not None]
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -228,8 +260,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         so = self.scheduler.schedule()
         if so.is_empty:
+            if so.finished_request_ids:
+                self.model_runner.execute(so)  # nothing to run; the runner frees their rows
             return []
-        result = self.model_runner.execute(so, self.structured_output)
+        grammar_bitmask = self._grammar_bitmask if self.structured_output is not None else None
+        result = self.model_runner.execute(so, grammar_bitmask)
         self.scheduler.update_after_step(so)
         touched = self._process_outputs(result)
         outputs = []
@@ -238,10 +273,16 @@ class LLMEngine:
             if any(c.error for c in parent.children):
                 # A failed sequence fails its whole user request (its siblings too).
                 self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ABORTED)
-            outputs.append(self._make_output(parent))
+            output = self._make_output(parent)
+            if output is not None:
+                outputs.append(output)
             if all(c.is_finished for c in parent.children):
                 self._forget(parent)
         return outputs
+
+    def _grammar_bitmask(self, request_ids: list[str]):
+        return self.structured_output.fill_bitmask(
+            [self._requests[i].grammar for i in request_ids])
 
     def _process_outputs(self, result: ModelRunnerOutput) -> dict[str, None]:
         touched: dict[str, None] = {}  # ordered set of user request ids
@@ -324,33 +365,81 @@ class LLMEngine:
             status = RequestStatus.FINISHED_LENGTH
         return status
 
-    def _make_output(self, parent: _UserRequest) -> RequestOutput:
+    def _make_output(self, parent: _UserRequest) -> RequestOutput | None:
+        """The parent's output after a step, as its output kind asks: everything so far,
+        only what is new (None when nothing is), or the whole output once finished."""
+        finished = all(c.is_finished for c in parent.children)
+        kind = parent.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind == RequestOutputKind.DELTA
         completions = []
         for index, req in enumerate(parent.children):
-            finished = req.is_finished
-            text = ""
-            if req.detokenizer is not None and req.error is None:
-                text = req.detokenizer.get_next_output_text(finished, delta=False)
-            completions.append(CompletionOutput(
-                index=index,
-                text=text,
-                token_ids=req.output_token_ids,
-                cumulative_logprob=(req.cumulative_logprob
-                                    if req.sampling_params.logprobs is not None else None),
-                logprobs=req.logprobs,
-                finish_reason=FINISH_REASONS.get(req.status),
-                stop_reason=req.stop_reason,
-            ))
+            completion = (self._delta_completion(parent, index, req) if delta
+                          else self._cumulative_completion(index, req, kind))
+            if completion is not None:
+                completions.append(completion)
+        if delta and not completions:
+            return None
         first = parent.children[0]
+        prompt_logprobs = first.prompt_logprobs
+        if delta:
+            prompt_logprobs = None if parent.prompt_logprobs_sent else prompt_logprobs
+            parent.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
-            prompt_logprobs=first.prompt_logprobs,
+            prompt_logprobs=prompt_logprobs,
             outputs=completions,
-            finished=all(c.is_finished for c in parent.children),
+            finished=finished,
             num_cached_tokens=first.num_cached_tokens,
             error=next((c.error for c in parent.children if c.error), None),
+        )
+
+    def _cumulative_completion(self, index: int, req: Request,
+                               kind: RequestOutputKind) -> CompletionOutput:
+        text = ""
+        if req.detokenizer is not None and req.error is None:
+            text = req.detokenizer.get_next_output_text(req.is_finished, delta=False)
+        logprobs = req.logprobs
+        if logprobs is not None and kind == RequestOutputKind.CUMULATIVE:
+            logprobs = list(logprobs)  # the engine goes on appending to its own list
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=req.output_token_ids,
+            cumulative_logprob=(req.cumulative_logprob
+                                if req.sampling_params.logprobs is not None else None),
+            logprobs=logprobs,
+            finish_reason=FINISH_REASONS.get(req.status),
+            stop_reason=req.stop_reason,
+        )
+
+    def _delta_completion(self, parent: _UserRequest, index: int,
+                          req: Request) -> CompletionOutput | None:
+        """What is new in child `index` since its last output: O(new), not O(all)."""
+        if parent.finish_sent[index]:
+            return None
+        finished = req.is_finished
+        sent, num_tokens = parent.num_sent_tokens[index], req.num_tokens
+        text = ""
+        if req.detokenizer is not None and req.error is None:
+            text = req.detokenizer.get_next_output_text(finished, delta=True)
+        start = req.num_prompt_tokens + sent
+        if not finished and not text and start == num_tokens:
+            return None
+        parent.num_sent_tokens[index] = num_tokens - req.num_prompt_tokens
+        parent.finish_sent[index] = finished
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=req.all_token_ids[start:],
+            cumulative_logprob=(req.cumulative_logprob
+                                if req.sampling_params.logprobs is not None else None),
+            logprobs=None if req.logprobs is None else req.logprobs[sent:],
+            finish_reason=FINISH_REASONS.get(req.status),
+            stop_reason=req.stop_reason,
         )
 
     def _forget(self, parent: _UserRequest) -> None:
@@ -361,12 +450,33 @@ class LLMEngine:
             self._parent_of.pop(child.request_id, None)
 
     # ---- introspection --------------------------------------------------------------
+    @property
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.config.model, str(self.model_dir), self.max_model_len,
+                         self.hf_config.vocab_size, self.tokenizer is not None)
+
+    def get_num_waiting_requests(self) -> int:
+        """Sequences waiting for admission (n > 1 counts n)."""
+        return len(self.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        scheduler, kv = self.scheduler, self.kv_cache_manager
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_stats.queries,
+            prefix_cache_hits=kv.prefix_cache_stats.hits,
+            num_preemptions=scheduler.num_preemptions,
+        )
+
     def kv_cache_stats(self) -> KVCacheStats:
         bs = self.config.block_size
+        kvm = self.kv_cache_manager
         allocated = filled = 0
         for req in self.scheduler.running:
-            allocated += len(req.block_ids) * bs
-            filled += min(req.num_computed_tokens, len(req.block_ids) * bs)
-        kvm = self.kv_cache_manager
+            num_slots = len(kvm.req_to_blocks.get(req.request_id, ())) * bs
+            allocated += num_slots
+            filled += min(req.num_computed_tokens, num_slots)
         return KVCacheStats(kvm.block_pool.num_blocks,
                             kvm.block_pool.num_blocks - kvm.num_free_blocks, allocated, filled)

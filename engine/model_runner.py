@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ import torch
 from engine.attention import AttentionMetadata, get_attention_backend
 from engine.config import EngineConfig
 from engine.cuda_graph import CudaGraphRunner
+from engine.input_batch import CachedRequestState, InputBatch, StepInputs
 from engine.loader.weights import init_dummy_weights, iterate_safetensors
 from engine.models import get_model_class
 from engine.models.llama import RotaryEmbedding
@@ -22,7 +24,7 @@ from engine.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
 from engine.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
-    from engine.structured_output import StructuredOutputManager
+    from engine.structured_output import GrammarBitmask
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ class ModelRunner:
 
         self.model = self._load_model(get_model_class(hf_config), model_dir)
         self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}  # every unfinished one it has seen
+        self.input_batch: InputBatch | None = None  # sized by allocate_kv_cache
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.cuda_graphs: CudaGraphRunner | None = None
@@ -207,6 +211,10 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                     num_blocks * self.block_bytes() / 2**20)
 
+    def init_input_batch(self, max_num_seqs: int, max_model_len: int) -> None:
+        self.input_batch = InputBatch(max_num_seqs, max_model_len, self.block_size,
+                                      self.vocab_size, self.device)
+
     def capture_cuda_graphs(self, max_num_seqs: int) -> None:
         """Capture decode-step graphs (GPU, graph-safe backend, not enforce_eager)."""
         if (self.device.type != "cuda" or self.config.enforce_eager
@@ -218,67 +226,79 @@ class ModelRunner:
         self.cuda_graphs.capture()
 
     # ---- one step -------------------------------------------------------------------
-    def _prepare_inputs(self, so: SchedulerOutput):
-        bs = self.block_size
-        input_ids, positions, slots = [], [], []
-        query_start_loc, seq_lens = [0], []
-        logits_indices, sampling_reqs = [], []
-        prompt_lp_reqs = []  # (request, first flat index, first prompt position, count)
-        max_blocks = max(len(r.block_ids) for r in so.scheduled_requests)
-        block_table = np.zeros((len(so.scheduled_requests), max_blocks), dtype=np.int32)
-        for i, (req, n) in enumerate(zip(so.scheduled_requests, so.num_scheduled_tokens)):
-            start, offset = req.num_computed_tokens, query_start_loc[-1]
-            blocks = req.block_ids
-            block_table[i, :len(blocks)] = blocks
-            if n == 1:
-                # A decode (most rows of a busy step): plain ints, no array per request; at
-                # batch 256 this loop is host time the GPU waits for.
-                input_ids.append(req.all_token_ids[start])
-                positions.append(start)
-                slots.append(blocks[start // bs] * bs + start % bs)
-            else:
-                input_ids.extend(req.all_token_ids[start:start + n])
-                pos = np.arange(start, start + n)
-                positions.extend(pos.tolist())
-                slots.extend((np.asarray(blocks, dtype=np.int64)[pos // bs] * bs
-                              + pos % bs).tolist())
-            query_start_loc.append(offset + n)
-            seq_lens.append(start + n)
-            if start + n == req.num_tokens:
-                logits_indices.append(offset + n - 1)
-                sampling_reqs.append(req)
-            num_prompt = req.num_prompt_tokens
-            if (req.sampling_params.prompt_logprobs is not None and start < num_prompt - 1
-                    and req.prompt_logprobs is not None and len(req.prompt_logprobs) < num_prompt):
-                count = min(start + n, num_prompt - 1) - start
-                prompt_lp_reqs.append((req, offset, start, count))
+    def _update_states(self, so: SchedulerOutput) -> None:
+        """Apply the scheduler's diffs to the persistent batch: drop finished and preempted
+        rows, add new and resumed requests, append new blocks, then close the holes."""
+        batch = self.input_batch
+        for request_id in so.finished_request_ids:
+            batch.remove(request_id)
+            self.requests.pop(request_id, None)
+        for request_id in so.preempted_request_ids:
+            batch.remove(request_id, keep_tokens=True)
+        for new in so.scheduled_new_reqs:
+            params = new.sampling_params
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.device)
+                generator.manual_seed(params.seed)
+            state = CachedRequestState(new.request_id, new.prompt_token_ids, params,
+                                       generator, list(new.block_ids), [])
+            self.requests[new.request_id] = state
+            batch.add(state, new.num_computed_tokens)
+        cached = so.scheduled_cached_reqs
+        for request_id, resumed, new_block_ids, num_computed in zip(
+                cached.request_ids, cached.resumed_from_preemption, cached.new_block_ids,
+                cached.num_computed_tokens):
+            state = self.requests[request_id]
+            if resumed:
+                state.block_ids = list(new_block_ids)
+                batch.add(state, num_computed)
+                continue
+            state.block_ids.extend(new_block_ids)
+            row = batch.req_id_to_index[request_id]
+            batch.num_computed_tokens[row] = num_computed
+            if new_block_ids:
+                batch.append_blocks(row, new_block_ids)
+        if so.finished_request_ids or so.preempted_request_ids:
+            batch.condense()
 
-        dev = self.device
-        md = AttentionMetadata(
-            num_tokens=len(input_ids),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_table=torch.from_numpy(block_table).to(dev),
-            block_size=bs,
-            query_start_loc_cpu=query_start_loc,
-            query_lens_cpu=list(so.num_scheduled_tokens),
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _attention_metadata(self, step: StepInputs) -> AttentionMetadata:
+        query_lens = step.query_lens.tolist()
+        seq_lens = step.seq_lens.tolist()
+        return AttentionMetadata(
+            num_tokens=len(step.input_ids),
+            slot_mapping=self._to_device(step.slot_mapping),
+            query_start_loc=self._to_device(step.query_start_loc),
+            seq_lens=self._to_device(step.seq_lens),
+            block_table=self._to_device(step.block_table),
+            block_size=self.block_size,
+            query_start_loc_cpu=step.query_start_loc.tolist(),
+            query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
-            max_query_len=max(so.num_scheduled_tokens),
+            max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
         )
-        inputs = (
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-        )
-        return inputs, md, logits_indices, sampling_reqs, prompt_lp_reqs
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput,
-                structured_output: StructuredOutputManager | None = None) -> ModelRunnerOutput:
-        (input_ids, positions), md, logits_indices, sampling_reqs, prompt_lp_reqs = (
-            self._prepare_inputs(so)
-        )
+                grammar_bitmask: Callable[[list[str]], GrammarBitmask | None] | None = None,
+                ) -> ModelRunnerOutput:
+        """Run the step `so` describes. `grammar_bitmask(request_ids)` gives the guided rows'
+        masks for the requests that sample, in batch order (None: no guided request)."""
+        self._update_states(so)
+        out = ModelRunnerOutput()
+        if so.is_empty:
+            return out
+        batch = self.input_batch
+        step = batch.prepare(so.num_scheduled_tokens)
+        input_ids, positions = self._to_device(step.input_ids), self._to_device(step.positions)
+        md = self._attention_metadata(step)
         graphs = self.cuda_graphs
         if graphs is not None and md.max_query_len == 1 and md.num_tokens <= graphs.max_batch_size:
             hidden = graphs.run(input_ids, positions, md)
@@ -287,43 +307,39 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.kv_caches, md)
         # Grammar masks are filled on the CPU after the forward is queued, so that on a GPU
         # the two overlap (on a CPU the forward has already run: nothing to overlap).
-        grammar_bitmask = (
-            structured_output.fill_bitmask(sampling_reqs) if structured_output is not None else None
-        )
-        out = ModelRunnerOutput()
-        for req, offset, start, count in prompt_lp_reqs:
-            out.prompt_logprobs[req.request_id] = self._prompt_logprobs(
-                hidden[offset:offset + count], req, start, count)
-        if not sampling_reqs:
+        bitmask = (grammar_bitmask(step.sample_request_ids)
+                   if grammar_bitmask is not None and step.sample_request_ids else None)
+        for state, offset, start, count in step.prompt_logprobs:
+            out.prompt_logprobs[state.request_id] = self._prompt_logprobs(
+                hidden[offset:offset + count], state, start, count)
+        if not step.sample_request_ids:
             return out
-        logits = self.model.compute_logits(hidden[logits_indices])
-        if grammar_bitmask is not None:
+        logits = self.model.compute_logits(hidden[self._to_device(step.logits_indices)])
+        if bitmask is not None:
             # Before the sampler: masked tokens get probability 0, in the returned logprobs too.
-            grammar_bitmask.apply(logits)
-        metadata = SamplingMetadata.build(
-            params=[r.sampling_params for r in sampling_reqs],
-            prompt_token_ids=[r.prompt_token_ids for r in sampling_reqs],
-            output_token_ids=[r.output_token_ids for r in sampling_reqs],
-            generators=[r.generator for r in sampling_reqs],
-            vocab_size=self.vocab_size,
-            device=self.device,
-        )
+            bitmask.apply(logits)
+        sampling = batch.sampling_rows(step.sample_rows)
+        penalised, counts, prompt_mask = batch.penalty_tensors(step.sample_rows, sampling)
+        metadata = SamplingMetadata.from_rows(sampling, self.vocab_size, self.device,
+                                              counts, prompt_mask)
         result = self.sampler(logits, metadata)
+        batch.count_sampled(step.sample_rows, penalised, result.sampled_token_ids)
         # The one device-to-host sync of the step.
-        out.req_ids = [r.request_id for r in sampling_reqs]
+        out.req_ids = step.sample_request_ids
         out.sampled_token_ids = result.sampled_token_ids.tolist()
         if result.logprobs is not None:
             out.sampled_logprobs = result.logprobs.tolist()
-        if result.topk_token_ids is not None:
             out.topk_token_ids = result.topk_token_ids.tolist()
             out.topk_logprobs = result.topk_logprobs.tolist()
+        batch.append_sampled(step.sample_rows, out.sampled_token_ids)
         return out
 
-    def _prompt_logprobs(self, hidden, req, start, count) -> PromptLogprobsChunk:
+    def _prompt_logprobs(self, hidden, state: CachedRequestState, start: int,
+                         count: int) -> PromptLogprobsChunk:
         logits = self.model.compute_logits(hidden)
-        targets = torch.tensor(req.prompt_token_ids[start + 1:start + 1 + count],
+        targets = torch.tensor(state.prompt_token_ids[start + 1:start + 1 + count],
                                device=self.device)
         token_lp, topk_ids, topk_lp = compute_prompt_logprobs(
-            logits, targets, req.sampling_params.prompt_logprobs)
+            logits, targets, state.sampling_params.prompt_logprobs)
         return PromptLogprobsChunk(start + 1, token_lp.tolist(), topk_ids.tolist(),
                                    topk_lp.tolist())

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    import torch
     import xgrammar
 
     from engine.detokenizer import IncrementalDetokenizer
@@ -39,13 +38,14 @@ FINISH_REASONS = {
 
 
 class Request:
-    """A single sequence. A user request with n > 1 becomes n of these (see engine.outputs)."""
+    """A single sequence, as the scheduler and the engine's output processing see it (the
+    model runner never does: it gets plain data). A user request with n > 1 becomes n."""
 
     __slots__ = (
         "request_id", "prompt_token_ids", "sampling_params", "arrival_time", "max_tokens",
-        "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status", "block_ids",
-        "generator", "detokenizer", "logprobs", "cumulative_logprob", "prompt_logprobs",
-        "stop_reason", "num_preemptions", "error", "grammar",
+        "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status", "detokenizer",
+        "logprobs", "cumulative_logprob", "prompt_logprobs", "stop_reason", "num_preemptions",
+        "error", "grammar",
     )
 
     def __init__(
@@ -65,8 +65,6 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hits at (latest) admission
         self.status = RequestStatus.WAITING
-        self.block_ids: list[int] = []  # the block table, append-only while running
-        self.generator: torch.Generator | None = None
         self.detokenizer: IncrementalDetokenizer | None = None
         self.logprobs: list[dict[int, Logprob]] | None = (
             [] if sampling_params.logprobs is not None else None

@@ -1,12 +1,15 @@
 """Sampler: turns one step's logits into next tokens (logit_bias, min_tokens, penalties,
-temperature, top-k/top-p/min-p, seeded draws) plus the raw logprobs that requests asked for."""
+temperature, top-k/top-p/min-p, seeded draws) plus the raw logprobs that requests asked for.
+
+Nothing here reads a device tensor back to the host: the one sync of a step is the caller's
+read of the sampled tokens (and logprobs)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 
+import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
@@ -18,12 +21,56 @@ _PROMPT_LOGPROBS_CHUNK = 256
 
 
 @dataclass(slots=True)
+class SamplingRows:
+    """The per-row sampling knobs of one batch as arrays: what the runner's persistent input
+    batch keeps for each of its rows, gathered for the rows that sample this step."""
+
+    temperature: np.ndarray  # [B] float32; below 1e-5 samples greedily
+    top_k: np.ndarray  # [B] int64; 0 disables
+    top_p: np.ndarray  # [B] float32; 1.0 disables
+    min_p: np.ndarray  # [B] float32; 0.0 disables
+    repetition_penalty: np.ndarray  # [B] float32; 1.0 disables
+    frequency_penalty: np.ndarray  # [B] float32; 0.0 disables
+    presence_penalty: np.ndarray  # [B] float32; 0.0 disables
+    num_logprobs: np.ndarray  # [B] int64; -1 where no logprobs were asked for
+    # Sparse knobs, by batch row: seeded generators, logit_bias, and the stop ids that rows
+    # still short of min_tokens may not sample.
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    logit_bias: dict[int, dict[int, float]] = field(default_factory=dict)
+    blocked_stop_ids: dict[int, Sequence[int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams],
+                    num_output_tokens: Sequence[int],
+                    generators: Sequence[torch.Generator | None]) -> SamplingRows:
+        def array(name: str, dtype) -> np.ndarray:
+            return np.array([getattr(p, name) for p in params], dtype=dtype)
+
+        return cls(
+            temperature=array("temperature", np.float32),
+            top_k=array("top_k", np.int64),
+            top_p=array("top_p", np.float32),
+            min_p=array("min_p", np.float32),
+            repetition_penalty=array("repetition_penalty", np.float32),
+            frequency_penalty=array("frequency_penalty", np.float32),
+            presence_penalty=array("presence_penalty", np.float32),
+            num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params],
+                                  dtype=np.int64),
+            generators={i: g for i, g in enumerate(generators) if g is not None},
+            logit_bias={i: p.logit_bias for i, p in enumerate(params) if p.logit_bias},
+            blocked_stop_ids={i: sorted(p.all_stop_token_ids) for i, p in enumerate(params)
+                              if num_output_tokens[i] < p.min_tokens},
+        )
+
+
+@dataclass(slots=True)
 class SamplingMetadata:
-    """Batch tensors for one step, built once from the scheduled requests' params.
+    """Batch tensors for one step.
 
     Per-row sampling knobs cover only the randomly sampled rows (`random_rows`, R of them);
-    a knob nobody uses is None so the sampler skips it. Token-level edits (bias, min_tokens,
-    penalties) are flat indices `row * vocab_size + token` into the [B, V] logits.
+    a knob nobody uses is None so the sampler skips it. Token-level edits (bias, min_tokens)
+    are flat indices `row * vocab_size + token` into the [B, V] logits; penalties are dense
+    over the P rows that have any.
     """
 
     vocab_size: int
@@ -44,11 +91,12 @@ class SamplingMetadata:
     bias_index: torch.Tensor | None = None  # [N] int64 flat index
     bias_value: torch.Tensor | None = None  # [N] float32
     stop_block_index: torch.Tensor | None = None  # [M] int64 flat index, set to -inf
-    repetition_index: torch.Tensor | None = None  # [P] int64 flat index (prompt ∪ output)
-    repetition_penalty: torch.Tensor | None = None  # [P] float32
-    output_index: torch.Tensor | None = None  # [Q] int64 flat index, unique (output tokens)
-    frequency_term: torch.Tensor | None = None  # [Q] float32: frequency_penalty * count
-    presence_term: torch.Tensor | None = None  # [Q] float32: presence_penalty
+    penalty_rows: torch.Tensor | None = None  # [P] int64 batch rows with any penalty
+    output_counts: torch.Tensor | None = None  # [P, V] float32: each token's output count
+    prompt_mask: torch.Tensor | None = None  # [P, V] bool: in the prompt (repetition only)
+    repetition_penalty: torch.Tensor | None = None  # [P, 1] float32; None if all 1.0
+    frequency_penalty: torch.Tensor | None = None  # [P, 1] float32
+    presence_penalty: torch.Tensor | None = None  # [P, 1] float32
     max_num_logprobs: int | None = None  # K; None when no request asked for logprobs
 
     @classmethod
@@ -61,110 +109,116 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device,
     ) -> SamplingMetadata:
+        """From whole requests (tests, and callers without an input batch); the runner
+        keeps the same state per row and calls from_rows."""
+        rows = SamplingRows.from_params(params, [len(o) for o in output_token_ids], generators)
+        counts = prompt_mask = None
+        penalised = penalty_rows(rows)
+        if penalised.size:
+            counts, prompt_mask = penalty_state(
+                [prompt_token_ids[i] for i in penalised],
+                [output_token_ids[i] for i in penalised], vocab_size, device)
+        return cls.from_rows(rows, vocab_size, device, counts, prompt_mask)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: SamplingRows,
+        vocab_size: int,
+        device: torch.device,
+        output_counts: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> SamplingMetadata:
+        """`output_counts` and `prompt_mask` [P, V]: the state of the rows penalty_rows(rows)
+        gives, in that order (None when there are none)."""
         V = vocab_size
-        i64 = dict(dtype=torch.int64, device=device)
-        f32 = dict(dtype=torch.float32, device=device)
 
-        random = [i for i, p in enumerate(params) if not p.greedy]
-        rparams = [params[i] for i in random]
-        all_random = len(random) == len(params)
+        def tensor(values, dtype=torch.int64) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-        temperature = None
-        if any(p.temperature != 1.0 for p in rparams):
-            temperature = torch.tensor([p.temperature for p in rparams], **f32).unsqueeze(1)
+        greedy = rows.temperature < 1e-5
+        random = np.flatnonzero(~greedy)
+        all_random = random.size == len(greedy)
+        temperature = rows.temperature[random]
         # top_k >= V keeps everything, so it is treated like 0 (disabled).
-        ks = [p.top_k if 0 < p.top_k < V else V for p in rparams]
-        max_top_k = max((k for k in ks if k < V), default=0)
-        top_k = torch.tensor(ks, **i64) if max_top_k else None
-        top_p = None
-        if any(p.top_p < 1.0 for p in rparams):
-            top_p = torch.tensor([p.top_p for p in rparams], **f32)
-        min_p = None
-        if any(p.min_p > 0.0 for p in rparams):
-            min_p = torch.tensor([p.min_p for p in rparams], **f32)
-        truncated = [r for r, p in enumerate(rparams) if ks[r] < V or p.top_p < 1.0]
-        whole = [r for r, p in enumerate(rparams) if ks[r] == V and p.top_p == 1.0]
+        ks = rows.top_k[random]
+        ks = np.where((ks > 0) & (ks < V), ks, V)
+        top_p = rows.top_p[random]
+        min_p = rows.min_p[random]
+        max_top_k = int(ks[ks < V].max()) if (ks < V).any() else 0
+        truncated_mask = (ks < V) | (top_p < 1.0)
+        truncated = np.flatnonzero(truncated_mask)
+        whole = np.flatnonzero(~truncated_mask)
         # A generator on a greedy row is ignored: greedy draws no random numbers.
-        seeded = [(r, generators[i]) for r, i in enumerate(random) if generators[i] is not None]
-
-        bias_index, bias_value = [], []
-        for i, p in enumerate(params):
-            for token, bias in (p.logit_bias or {}).items():
-                if token < V:  # ids past the model's vocabulary cannot be sampled anyway
-                    bias_index.append(i * V + token)
-                    bias_value.append(bias)
-        stop_block = [
-            i * V + t
-            for i, p in enumerate(params)
-            if len(output_token_ids[i]) < p.min_tokens
-            for t in p.all_stop_token_ids
-            if t < V
-        ]
+        position = {int(r): j for j, r in enumerate(random)}
+        seeded = [(position[i], g) for i, g in sorted(rows.generators.items()) if i in position]
 
         meta = cls(
             vocab_size=V,
-            all_greedy=not random,
+            all_greedy=random.size == 0,
             all_random=all_random,
-            random_rows=None if all_random else torch.tensor(random, **i64),
-            temperature=temperature,
-            top_k=top_k,
+            random_rows=None if all_random else tensor(random),
+            temperature=(tensor(temperature, torch.float32).unsqueeze(1)
+                         if (temperature != 1.0).any() else None),
+            top_k=tensor(ks) if max_top_k else None,
             max_top_k=max_top_k,
-            top_p=top_p,
-            min_p=min_p,
-            truncated_rows=torch.tensor(truncated, **i64) if whole else None,
-            whole_rows=torch.tensor(whole, **i64) if whole and truncated else None,
-            seeded_rows=torch.tensor([r for r, _ in seeded], **i64) if seeded else None,
+            top_p=tensor(top_p, torch.float32) if (top_p < 1.0).any() else None,
+            min_p=tensor(min_p, torch.float32) if (min_p > 0.0).any() else None,
+            truncated_rows=tensor(truncated) if whole.size else None,
+            whole_rows=tensor(whole) if whole.size and truncated.size else None,
+            seeded_rows=tensor([r for r, _ in seeded]) if seeded else None,
             seeded_generators=[g for _, g in seeded],
-            max_num_logprobs=max(
-                (p.logprobs for p in params if p.logprobs is not None), default=None
-            ),
+            max_num_logprobs=(int(rows.num_logprobs.max())
+                              if (rows.num_logprobs >= 0).any() else None),
         )
-        if bias_index:
-            meta.bias_index = torch.tensor(bias_index, **i64)
-            meta.bias_value = torch.tensor(bias_value, **f32)
+        bias = [(i * V + token, value) for i, biases in sorted(rows.logit_bias.items())
+                for token, value in biases.items()
+                if token < V]  # ids past the model's vocabulary cannot be sampled anyway
+        if bias:
+            meta.bias_index = tensor([b[0] for b in bias])
+            meta.bias_value = tensor([b[1] for b in bias], torch.float32)
+        stop_block = [i * V + t for i, stop in sorted(rows.blocked_stop_ids.items())
+                      for t in stop if t < V]
         if stop_block:
-            meta.stop_block_index = torch.tensor(stop_block, **i64)
+            meta.stop_block_index = tensor(stop_block)
 
-        rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        if rep_rows:
-            # Duplicate (row, token) pairs are harmless: each writes the same penalised value.
-            lengths = [len(prompt_token_ids[i]) + len(output_token_ids[i]) for i in rep_rows]
-            tokens = torch.tensor(
-                list(
-                    chain.from_iterable(
-                        chain(prompt_token_ids[i], output_token_ids[i]) for i in rep_rows
-                    )
-                ),
-                **i64,
-            )
-            lengths_t = torch.tensor(lengths, **i64)
-            rows = torch.tensor(rep_rows, **i64).repeat_interleave(lengths_t)
-            penalty = torch.tensor([params[i].repetition_penalty for i in rep_rows], **f32)
-            meta.repetition_index = rows * V + tokens
-            meta.repetition_penalty = penalty.repeat_interleave(lengths_t)
-
-        fp_rows = [
-            i
-            for i, p in enumerate(params)
-            if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and output_token_ids[i]
-        ]
-        if fp_rows:
-            lengths_t = torch.tensor([len(output_token_ids[i]) for i in fp_rows], **i64)
-            tokens = torch.tensor(
-                list(chain.from_iterable(output_token_ids[i] for i in fp_rows)), **i64
-            )
-            rows = torch.tensor(fp_rows, **i64).repeat_interleave(lengths_t)
-            index, counts = torch.unique(rows * V + tokens, return_counts=True)
-            row = index // V
-            freq = torch.zeros(len(params), **f32)
-            pres = torch.zeros(len(params), **f32)
-            freq[fp_rows] = torch.tensor([params[i].frequency_penalty for i in fp_rows], **f32)
-            pres[fp_rows] = torch.tensor([params[i].presence_penalty for i in fp_rows], **f32)
-            meta.output_index = index
-            # Same float32 product as vLLM's `frequency_penalties * output_bin_counts`.
-            meta.frequency_term = freq[row] * counts
-            meta.presence_term = pres[row]
+        penalised = penalty_rows(rows)
+        if penalised.size:
+            meta.penalty_rows = tensor(penalised)
+            meta.output_counts = output_counts
+            repetition = rows.repetition_penalty[penalised]
+            if (repetition != 1.0).any():
+                meta.repetition_penalty = tensor(repetition, torch.float32).unsqueeze(1)
+                meta.prompt_mask = prompt_mask
+            frequency = rows.frequency_penalty[penalised]
+            presence = rows.presence_penalty[penalised]
+            if (frequency != 0.0).any() or (presence != 0.0).any():
+                meta.frequency_penalty = tensor(frequency, torch.float32).unsqueeze(1)
+                meta.presence_penalty = tensor(presence, torch.float32).unsqueeze(1)
         return meta
+
+
+def penalty_rows(rows: SamplingRows) -> np.ndarray:
+    """Batch rows with a repetition, frequency or presence penalty, ascending."""
+    return np.flatnonzero((rows.repetition_penalty != 1.0) | (rows.frequency_penalty != 0.0)
+                          | (rows.presence_penalty != 0.0))
+
+
+def penalty_state(prompt_token_ids: Sequence[Sequence[int]],
+                  output_token_ids: Sequence[Sequence[int]], vocab_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output token counts [N, V] float32, prompt token mask [N, V] bool) of N requests:
+    what the runner keeps per row and updates with each sampled token."""
+    n = len(prompt_token_ids)
+    counts = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
+    mask = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
+    for i, (prompt, output) in enumerate(zip(prompt_token_ids, output_token_ids)):
+        if prompt:
+            mask[i, torch.tensor(list(prompt), device=device)] = True
+        if output:
+            counts[i].index_put_((torch.tensor(list(output), device=device),),
+                                 torch.ones(len(output), device=device), accumulate=True)
+    return counts, mask
 
 
 @dataclass(slots=True)
@@ -210,12 +264,7 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
     Returns `logits` itself when nothing applies, else a processed copy.
     """
     m = metadata
-    if (
-        m.bias_index is None
-        and m.stop_block_index is None
-        and m.repetition_index is None
-        and m.output_index is None
-    ):
+    if m.bias_index is None and m.stop_block_index is None and m.penalty_rows is None:
         return logits
     logits = logits.clone(memory_format=torch.contiguous_format)
     flat = logits.view(-1)
@@ -223,13 +272,19 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
         flat.index_add_(0, m.bias_index, m.bias_value)
     if m.stop_block_index is not None:
         flat.index_fill_(0, m.stop_block_index, float("-inf"))
-    if m.repetition_index is not None:
-        values = flat[m.repetition_index]
-        penalty = m.repetition_penalty
-        flat[m.repetition_index] = torch.where(values > 0, values / penalty, values * penalty)
-    if m.output_index is not None:
-        values = flat[m.output_index]
-        flat[m.output_index] = values - m.frequency_term - m.presence_term
+    if m.penalty_rows is not None:
+        rows = logits[m.penalty_rows]  # [P, V]
+        counts = m.output_counts
+        if m.repetition_penalty is not None:
+            # Every token seen in the prompt or the output so far.
+            seen = m.prompt_mask | (counts > 0)
+            penalty = m.repetition_penalty
+            rows = torch.where(seen, torch.where(rows > 0, rows / penalty, rows * penalty), rows)
+        if m.frequency_penalty is not None:
+            # Same float32 product as vLLM's `frequency_penalties * output_bin_counts`; unseen
+            # tokens subtract exact zeros.
+            rows = rows - m.frequency_penalty * counts - m.presence_penalty * (counts > 0)
+        logits[m.penalty_rows] = rows
     return logits
 
 
@@ -332,16 +387,22 @@ def _truncate(
     at it are all kept (vLLM keeps top-k ties too; for top-p its sort picks among them
     arbitrarily). Candidates start at the best max(top_k + 1, 64) and widen, for the rows
     that need it, to 1024 and then the whole sorted row: on CPU topk(64) over 50k tokens costs
-    ~0.04 ms a row, a full sort ~2 ms, and trained models' nuclei are usually small. (Picking
-    the rows still pending reads a mask back: one host sync per stage on a GPU.)
+    ~0.04 ms a row, a full sort ~2 ms, and trained models' nuclei are usually small. Picking
+    the rows still pending reads a mask back, free on a CPU but a host sync per stage on a
+    GPU, so there every row gets one full sort instead (fast there) and nothing syncs.
     """
     V = probs.shape[1]
     if rows is not None:
         probs = probs[rows]
         top_k, top_p, min_p = (None if t is None else t[rows] for t in (top_k, top_p, min_p))
     n = probs.shape[0]
-    first = min(V, max(max_top_k + 1, _CANDIDATE_SIZES[0] if top_p is not None else 0))
-    values, ids = probs.topk(first, dim=-1)
+    staged = probs.device.type == "cpu"
+    if staged:
+        first = min(V, max(max_top_k + 1, _CANDIDATE_SIZES[0] if top_p is not None else 0))
+        values, ids = probs.topk(first, dim=-1)
+    else:
+        first = V
+        values, ids = probs.sort(dim=-1, descending=True)
 
     floor = probs.new_zeros(n, 1)  # the threshold of min-p and top-k
     if min_p is not None:
@@ -371,9 +432,11 @@ def _truncate(
             threshold = torch.where(
                 top_p[pending].unsqueeze(1) < 1.0, torch.maximum(threshold, cut), threshold
             )
-        # Done when the candidates hold every kept token: the last one is cut, or it is the
-        # whole row.
-        done = (values[:, -1] < threshold[:, 0]) | (size == V)
+        if size == V:  # whole rows: every kept token is among the candidates
+            yield (pending if rows is None else rows[pending]), values, ids, threshold
+            return
+        # Done when the candidates hold every kept token: the last one is cut.
+        done = values[:, -1] < threshold[:, 0]
         out_rows = pending[done] if rows is None else rows[pending[done]]
         yield out_rows, values[done], ids[done], threshold[done]
         pending = pending[~done]
@@ -395,7 +458,8 @@ def _top_p_target(
     # so a row's mass (and so its nucleus) does not depend on its neighbours; rows with
     # survivors past the head sum their whole row. cumsum, not sum: torch's CPU sum() orders
     # its additions differently for a lone row.
-    head = values[:, : _CANDIDATE_SIZES[0]]
+    whole = probs.device.type != "cpu"  # values are sorted whole rows (see _truncate)
+    head = values if whole else values[:, : _CANDIDATE_SIZES[0]]
     survivors = head * (head >= floor)
     mass = survivors.cumsum(dim=-1)[:, -1:]
     if head.shape[1] < probs.shape[1]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json as json_lib
 from dataclasses import dataclass, field
 
@@ -80,6 +81,14 @@ class GuidedDecodingParams:
         return "grammar"
 
 
+class RequestOutputKind(enum.Enum):
+    """What each output of a running request holds (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything generated so far
+    DELTA = 1  # only what is new since the previous output (streaming)
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
@@ -104,6 +113,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     guided_decoding: GuidedDecodingParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the model's generation config; not user-facing.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -172,6 +182,8 @@ class SamplingParams:
                         f"SamplingParams.logit_bias entries must map token ids >= 0 to biases in "
                         f"[-100, 100], got {token_id}: {bias}"
                     )
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", "a RequestOutputKind")
         if self.guided_decoding is not None:
             if not isinstance(self.guided_decoding, GuidedDecodingParams):
                 raise bad("guided_decoding", "a GuidedDecodingParams or None")

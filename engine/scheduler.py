@@ -1,5 +1,8 @@
 """Iteration-level scheduling: each step gives running requests, then waiting ones (FCFS),
-as many new tokens as the token budget allows, with no prefill/decode phases."""
+as many new tokens as the token budget allows, with no prefill/decode phases.
+
+What it hands the model runner is plain data (SchedulerOutput): a request's prompt, params
+and blocks once when it is admitted, then only what changed each step."""
 
 from __future__ import annotations
 
@@ -9,24 +12,52 @@ from dataclasses import dataclass, field
 
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request scheduled for the first time: everything the runner keeps for it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]  # its block table so far (prefix-cache hits, then new blocks)
+    num_computed_tokens: int  # tokens already in the cache (prefix-cache hits)
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """Requests the runner already knows, scheduled again: what changed since last time.
+
+    A request resumed after preemption gets its whole new block table in new_block_ids
+    (resumed True); a running one the blocks to append to its table."""
+
+    request_ids: list[str] = field(default_factory=list)
+    resumed_from_preemption: list[bool] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)  # before this step
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """What the model runner computes this step, in batch order."""
+    """What the model runner computes this step. Plain data: it can be pickled or sent to
+    another process, and holds no object the scheduler goes on mutating."""
 
-    scheduled_requests: list[Request] = field(default_factory=list)
-    num_scheduled_tokens: list[int] = field(default_factory=list)  # per scheduled request
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
+    # New tokens each scheduled request computes, in scheduling order.
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     preempted_request_ids: list[str] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # since the last step
 
     @property
     def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
+        return sum(self.num_scheduled_tokens.values())
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled_requests
+        return not self.num_scheduled_tokens
 
 
 class Scheduler:
@@ -36,12 +67,14 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order; the last is preempted first
         self._finished_ids: list[str] = []
         self.num_preemptions = 0  # total, for stats and tests
 
     def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     @property
@@ -52,12 +85,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_request_ids=self._finished_ids)
-        self._finished_ids = []
+        out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted_request_ids:
             # Admitting while preempting would only thrash the cache.
             self._schedule_waiting(out, budget)
+        out.finished_request_ids, self._finished_ids = self._finished_ids, []
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -72,34 +105,43 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                self._record(out, request, num_new, new_blocks)
+                cached = out.scheduled_cached_reqs
+                cached.request_ids.append(request.request_id)
+                cached.resumed_from_preemption.append(False)
+                cached.new_block_ids.append([b.block_id for b in new_blocks])
+                cached.num_computed_tokens.append(request.num_computed_tokens)
+                out.num_scheduled_tokens[request.request_id] = num_new
                 budget -= num_new
                 i += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        kvm = self.kv_cache_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            hits, num_cached = self.kv_cache_manager.get_computed_blocks(request)
+            hits, num_cached = kvm.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
-            if new_blocks is None:
+            if kvm.allocate_slots(request, num_new, hits) is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
+            resumed = request.status == RequestStatus.PREEMPTED
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = num_cached
             self.running.append(request)
-            request.block_ids = [b.block_id for b in hits]
-            self._record(out, request, num_new, new_blocks)
+            block_ids = kvm.get_block_ids(request.request_id)
+            if resumed:  # the runner kept its tokens; only its table is new
+                cached = out.scheduled_cached_reqs
+                cached.request_ids.append(request.request_id)
+                cached.resumed_from_preemption.append(True)
+                cached.new_block_ids.append(block_ids)
+                cached.num_computed_tokens.append(num_cached)
+            else:
+                out.scheduled_new_reqs.append(NewRequestData(
+                    request.request_id, request.prompt_token_ids, request.sampling_params,
+                    block_ids, num_cached))
+            out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
-
-    def _record(self, out: SchedulerOutput, request: Request, num_new: int,
-                new_blocks: list) -> None:
-        # Block tables are append-only: extend with this step's blocks, no rebuild.
-        request.block_ids.extend(b.block_id for b in new_blocks)
-        out.scheduled_requests.append(request)
-        out.num_scheduled_tokens.append(num_new)
 
     def _preempt(self, request: Request) -> None:
         """Free everything and requeue at the front; it is recomputed (mostly from the
@@ -107,15 +149,14 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.block_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance progress of what was computed. Sampled tokens are appended by the engine."""
-        for request, num_new in zip(out.scheduled_requests, out.num_scheduled_tokens):
-            request.num_computed_tokens += num_new
+        for request_id, num_new in out.num_scheduled_tokens.items():
+            self.requests[request_id].num_computed_tokens += num_new
 
     def finish_requests(self, requests: Iterable[Request], status: RequestStatus) -> None:
         """End requests (stopped, length or aborted) wherever they are and free their blocks."""
@@ -128,4 +169,5 @@ class Scheduler:
                 self.waiting.remove(request)
             request.status = status
             self.kv_cache_manager.free(request)
+            del self.requests[request.request_id]
             self._finished_ids.append(request.request_id)

@@ -21,8 +21,6 @@ from engine.sampling_params import GuidedDecodingParams
 if TYPE_CHECKING:
     import xgrammar
 
-    from engine.request import Request
-
 # Compiled grammars kept; a server whose every request brings a new schema must not grow
 # without bound. A compiled JSON schema grammar is tens to hundreds of KiB.
 _MAX_CACHED_GRAMMARS = 256
@@ -127,17 +125,19 @@ class StructuredOutputManager:
         return self._xgr.GrammarMatcher(compiled, override_stop_tokens=stop or None)
 
     # ---- each step ------------------------------------------------------------------
-    def fill_bitmask(self, requests: list[Request]) -> GrammarBitmask | None:
-        """Masks for the batch that samples `requests` (in that order); None if no row
-        needs one. Runs on the CPU, from each matcher's state after the previous step."""
+    def fill_bitmask(self, matchers: list[xgrammar.GrammarMatcher | None]
+                     ) -> GrammarBitmask | None:
+        """Masks for the batch whose sampling rows have `matchers` (None: unguided row);
+        None if no row needs one. Runs on the CPU, from each matcher's state after the
+        previous step."""
         rows = [
-            i for i, req in enumerate(requests)
+            i for i, matcher in enumerate(matchers)
             # fill returns False when it allowed every token: nothing to mask in that row.
-            if req.grammar is not None and req.grammar.fill_next_token_bitmask(self._bitmask, i)
+            if matcher is not None and matcher.fill_next_token_bitmask(self._bitmask, i)
         ]
         if not rows:
             return None
-        bitmask = self._bitmask[:len(requests)]
+        bitmask = self._bitmask[:len(matchers)]
         if bitmask.device != self.device:
             # The host buffer is refilled next step only after this step's token read-back
             # has synchronised, so the copy is done by then.

@@ -221,7 +221,7 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        root = str(getattr(async_engine.engine, "model_dir", "") or "") or None
+        root = async_engine.model_info.model_dir
         cards = [ModelCard(id=name, root=root, max_model_len=serving.max_model_len)
                  for name in served_model_names]
         if embedding_engine is not None:
@@ -232,11 +232,11 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
-        return serving.tokenize(request)
+        return await serving.tokenize(request)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
-        return serving.detokenize(request)
+        return await serving.detokenize(request)
 
     @app.get("/health")
     async def health() -> Response:

@@ -163,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
                     embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser)
     logger.info("Serving %s (max_model_len=%d) on http://%s:%d/v1%s", ", ".join(names),
-                   async_engine.engine.max_model_len, args.host, args.port,
+                   async_engine.model_info.max_model_len, args.host, args.port,
                    " (API key required)" if args.api_key else "")
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for up to
     # --shutdown-timeout seconds, then cancels them (which aborts them in the engine);

@@ -73,7 +73,8 @@ class ServerMetrics:
 
     async def track(self, outputs: AsyncIterator[RequestOutput]
                     ) -> AsyncIterator[RequestOutput]:
-        """Pass `outputs` through, recording what they show. Closing this closes them."""
+        """Pass `outputs` (delta outputs) through, recording what they show. Closing this
+        closes them."""
         arrival = last = time.monotonic()
         num_tokens = 0
         started = finished = False
@@ -83,14 +84,14 @@ class ServerMetrics:
                 if not started:
                     started = True
                     self.prompt_tokens.inc(len(output.prompt_token_ids))
-                total = sum(len(o.token_ids) for o in output.outputs)
-                if total > num_tokens:
+                new = sum(len(o.token_ids) for o in output.outputs)  # delta outputs
+                if new:
                     if num_tokens == 0:
                         self.ttft.observe(now - arrival)
                     else:
-                        self.itl.observe((now - last) / (total - num_tokens))
-                    self.generation_tokens.inc(total - num_tokens)
-                    num_tokens, last = total, now
+                        self.itl.observe((now - last) / new)
+                    self.generation_tokens.inc(new)
+                    num_tokens, last = num_tokens + new, now
                 if output.finished:
                     finished = True
                     self.e2e.observe(now - arrival)

@@ -22,8 +22,8 @@ from engine.async_engine import (
     RequestFailedError,
 )
 from engine.embedding import AsyncEmbeddingEngine, InputTooLongError
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.outputs import CompletionOutput, DeltaAccumulator, Logprob, RequestOutput
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from server.errors import APIError, error_body
 from server.guided import guided_decoding
 from server.metrics import ServerMetrics
@@ -64,32 +64,23 @@ _MIN_LOGPROB = -9999.0
 
 
 class _ChoiceStream:
-    """What one streamed choice has sent so far, given cumulative engine outputs."""
+    """What one streamed choice has sent, from the engine's delta outputs (each holds only
+    new text, tokens and logprobs, so a chunk costs O(new) however long the output)."""
 
-    __slots__ = ("sent_text", "sent_tokens", "num_generated", "finished")
+    __slots__ = ("num_generated", "finished")
 
     def __init__(self) -> None:
-        self.sent_text, self.sent_tokens, self.num_generated = "", 0, 0
+        self.num_generated = 0
         self.finished = False
 
-    def advance(self, out: CompletionOutput, want_logprobs: bool) -> tuple[str, int, int] | None:
-        """(new text, first token, end token) to send now, marked as sent; None when there
-        is nothing new or the choice already finished."""
+    def advance(self, out: CompletionOutput, want_logprobs: bool) -> bool:
+        """Count `out`'s new tokens; True when it holds something to send now (text, the
+        finish, or logprobs of tokens whose text is still held back)."""
         if self.finished:
-            return None
-        self.num_generated = len(out.token_ids)
-        end = self.num_generated
-        if want_logprobs and out.logprobs is not None:
-            end = min(end, len(out.logprobs))
-        text = out.text[len(self.sent_text):]
-        if not text and out.finish_reason is None and not (want_logprobs
-                                                           and end > self.sent_tokens):
-            return None
-        start = self.sent_tokens
-        self.sent_text += text
-        self.sent_tokens = end
+            return False
+        self.num_generated += len(out.token_ids)
         self.finished = out.finish_reason is not None
-        return text, start, end
+        return bool(out.text) or self.finished or (want_logprobs and bool(out.token_ids))
 
 
 def engine_error(exc: BaseException) -> APIError | None:
@@ -206,17 +197,18 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.metrics = metrics
         self.tool_parser = get_tool_parser(tool_parser)  # for tool_choice "auto"
-        llm = async_engine.engine
-        self.tokenizer = llm.tokenizer
+        self.tokenizer = async_engine.get_tokenizer()
         # Templates that know no tools get the default tool prompt (server/tools.py).
         self.template_knows_tools = template_knows_tools(
-            chat_template or getattr(self.tokenizer, "chat_template", None))
-        self.max_model_len = llm.max_model_len
-        self.vocab_size = llm.hf_config.vocab_size
+            chat_template or (self.tokenizer.chat_template if self.tokenizer else None))
+        info = async_engine.model_info
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
 
     # ---- shared helpers ---------------------------------------------------------------
     def generate(self, request_id: str, prompt: dict,
                  params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The engine's delta outputs for one prompt (see sampling_params)."""
         outputs = self.async_engine.generate(request_id, prompt, params)
         return self.metrics.track(outputs) if self.metrics is not None else outputs
 
@@ -271,18 +263,21 @@ class OpenAIServing:
             kwargs["logit_bias"] = bias
         if request.stop_token_ids:
             self._check_token_ids(request.stop_token_ids, "stop_token_ids")
+        # Deltas, streamed or not: a step's output costs O(new tokens), and the metrics see
+        # every step (non-streamed answers are put together in _collect).
+        kwargs["output_kind"] = RequestOutputKind.DELTA
         kwargs.update(overrides)
         try:
             return SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
             raise engine_error(exc) from None
 
-    def token_str(self, token_id: int, logprob: Logprob | None = None) -> str:
+    @staticmethod
+    def token_str(token_id: int, logprob: Logprob | None = None) -> str:
+        # The engine fills decoded_token (cached there) whenever it has a tokenizer.
         if logprob is not None and logprob.decoded_token is not None:
-            return logprob.decoded_token  # the engine decoded it already (cached there)
-        if self.tokenizer is None:
-            return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id])
+            return logprob.decoded_token
+        return f"token_id:{token_id}"
 
     async def _first(self, merged: AsyncIterator[tuple[int, RequestOutput]]):
         """Await the first output before answering, so input errors get their status
@@ -299,10 +294,11 @@ class OpenAIServing:
 
     async def _collect(self, merged: AsyncIterator[tuple[int, RequestOutput]],
                        count: int) -> list[RequestOutput]:
-        finals: list[RequestOutput | None] = [None] * count
+        """Each prompt's whole output, put together from its deltas."""
+        finals = [DeltaAccumulator() for _ in range(count)]
         try:
             async for i, output in merged:
-                finals[i] = output
+                finals[i].add(output)
         except Exception as exc:
             error = engine_error(exc)
             if error is None:
@@ -310,7 +306,7 @@ class OpenAIServing:
             raise error from None
         finally:
             await merged.aclose()
-        return finals
+        return [final.result() for final in finals]
 
     async def _stream(self, merged, first, chunks) -> AsyncIterator[str]:
         """SSE framing around `chunks(outputs)`; a mid-stream error becomes an error event."""
@@ -333,29 +329,28 @@ class OpenAIServing:
         yield _sse("[DONE]")
 
     # ---- chat completions -------------------------------------------------------------
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    tools: list[dict] | None = None) -> tuple[str, list[int]]:
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          tools: list[dict] | None = None) -> tuple[str, list[int]]:
         """The chat template's text and its token ids; `tools` go in the prompt (through
         the template, or as the default tool prompt where the template knows none)."""
         tokenizer = self._need_tokenizer("chat messages")
         knows_tools = self.template_knows_tools
         kwargs = {"tools": tools} if tools and knows_tools else {}
         try:
-            text = tokenizer.apply_chat_template(
-                conversation(messages, tools, knows_tools), tokenize=False,
+            return await tokenizer.render_chat(
+                conversation(messages, tools, knows_tools),
                 add_generation_prompt=add_generation_prompt, chat_template=self.chat_template,
                 **kwargs)
         except Exception as exc:  # no template, or the template rejected the messages
             raise APIError(f"cannot apply the chat template: {exc}", param="messages") from None
-        # The template already holds the special tokens (BOS included, if any).
-        return text, tokenizer(text, add_special_tokens=False).input_ids
 
     async def chat(self, request: ChatCompletionRequest):
         model = self.model_name(request.model)
         plan = ToolPlan.from_request(request)
         guide, guide_field = guided_decoding(request, plan.guide_schema)
-        text, prompt_ids = self.render_chat(request.messages, request.add_generation_prompt,
-                                            plan.prompt_tools)
+        text, prompt_ids = await self.render_chat(request.messages,
+                                                  request.add_generation_prompt,
+                                                  plan.prompt_tools)
         max_tokens = (request.max_completion_tokens if request.max_completion_tokens is not None
                       else request.max_tokens)
         self.check_length(len(prompt_ids), max_tokens, "messages")
@@ -431,14 +426,12 @@ class OpenAIServing:
         readers = [new_reader() for _ in range(n)]
         async for _, output in outputs:
             for out in output.outputs:
-                delta = streams[out.index].advance(out, want_logprobs)
-                if delta is None:
+                if not streams[out.index].advance(out, want_logprobs):
                     continue
-                text, start, end = delta
+                text = out.text
                 logprobs = None
                 if want_logprobs:
-                    logprobs = self._chat_logprobs(out.token_ids[start:end],
-                                                   out.logprobs[start:end], top_n)
+                    logprobs = self._chat_logprobs(out.token_ids, out.logprobs, top_n)
                 reader = readers[out.index]
                 if reader is None:
                     deltas = [{"content": text}] if text else []
@@ -462,26 +455,26 @@ class OpenAIServing:
                                       total_tokens=num_prompt_tokens + total))
 
     # ---- tokenizer endpoints ----------------------------------------------------------
-    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self.model_name(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise APIError("give exactly one of prompt and messages", param="prompt")
         if request.messages is not None:
-            _, ids = self.render_chat(request.messages, request.add_generation_prompt,
-                                      tool_dicts(request.tools))
+            _, ids = await self.render_chat(request.messages, request.add_generation_prompt,
+                                            tool_dicts(request.tools))
         else:
-            tokenizer = self._need_tokenizer("tokenize")
-            ids = tokenizer(request.prompt,
-                            add_special_tokens=request.add_special_tokens).input_ids
+            ids = await self._need_tokenizer("tokenize").encode(
+                request.prompt, add_special_tokens=request.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
 
-    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.model_name(request.model)
         self._check_token_ids(request.tokens, "tokens")
-        return DetokenizeResponse(prompt=self._need_tokenizer("detokenize").decode(request.tokens))
+        text = await self._need_tokenizer("detokenize").decode(request.tokens)
+        return DetokenizeResponse(prompt=text)
 
     # ---- text completions -------------------------------------------------------------
-    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+    async def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str):
             prompt = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -491,7 +484,7 @@ class OpenAIServing:
         prompts = []
         for p in prompt:
             if isinstance(p, str):
-                ids = self._need_tokenizer("text prompts")(p).input_ids
+                ids = await self._need_tokenizer("text prompts").encode(p)
                 prompts.append((p, ids))
             else:
                 if not p:
@@ -507,7 +500,7 @@ class OpenAIServing:
         if request.best_of is not None and request.best_of != request.n:
             raise APIError("best_of other than n is not supported by this server",
                            param="best_of")
-        prompts = self._completion_prompts(request.prompt)
+        prompts = await self._completion_prompts(request.prompt)
         for _, ids in prompts:
             self.check_length(len(ids), request.max_tokens, "prompt")
         echo_logprobs = request.echo and request.logprobs is not None
@@ -524,31 +517,41 @@ class OpenAIServing:
             generators.append(self.generate(f"{request_id}-{i}", engine_prompt,
                                                          params))
         merged = merge_async_iterators(*generators)
-        echo_texts = [self._echo_text(text, ids) if request.echo else ""
+        echo_texts = [await self._echo_text(text, ids) if request.echo else ""
                       for text, ids in prompts]
+        # The first prompt token has no logprob entry to take its text from.
+        first_tokens = [await self.tokenizer.decode(ids[:1])
+                        if echo_logprobs and self.tokenizer is not None else None
+                        for _, ids in prompts]
         if not request.stream:
             finals = await _naming_guide(self._collect(merged, len(prompts)), guide_field)
             return JSONResponse(self._completion_response(
-                request_id, model, finals, request, echo_texts).model_dump(mode="json"))
+                request_id, model, finals, request, echo_texts, first_tokens
+            ).model_dump(mode="json"))
         first = await _naming_guide(self._first(merged), guide_field)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         chunks = lambda outputs: self._completion_chunks(  # noqa: E731
-            outputs, request_id, model, request, prompts, echo_texts, include_usage)
+            outputs, request_id, model, request, prompts, echo_texts, first_tokens,
+            include_usage)
         return StreamingResponse(self._stream(merged, first, chunks),
                                  media_type="text/event-stream")
 
-    def _echo_text(self, text: str | None, ids: list[int]) -> str:
+    async def _echo_text(self, text: str | None, ids: list[int]) -> str:
         if text is not None:
             return text
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+        return await self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     def _completion_logprobs(self, token_ids: list[int],
                              logprobs: list[dict[int, Logprob] | None], top_n: int,
                              offset: int, into: CompletionLogprobs | None = None,
-                             ) -> CompletionLogprobs:
+                             first_token: str | None = None) -> CompletionLogprobs:
+        """`first_token`: the text of a prompt's first token, which has no entry."""
         result = into or CompletionLogprobs()
         for token_id, entry in zip(token_ids, logprobs):
-            token = self.token_str(token_id, entry[token_id] if entry else None)
+            if entry is None and first_token is not None:
+                token = first_token
+            else:
+                token = self.token_str(token_id, entry[token_id] if entry else None)
             result.tokens.append(token)
             result.text_offset.append(offset)
             offset += len(token)
@@ -564,13 +567,13 @@ class OpenAIServing:
 
     def _completion_choice(self, index: int, out: CompletionOutput, final: RequestOutput,
                            request: CompletionRequest, echo_text: str,
-                           ) -> CompletionChoice:
+                           first_token: str | None) -> CompletionChoice:
         logprobs = None
         if request.logprobs is not None and out.logprobs is not None:
             logprobs = CompletionLogprobs()
             if request.echo and final.prompt_logprobs is not None:
                 self._completion_logprobs(final.prompt_token_ids, final.prompt_logprobs,
-                                          request.logprobs, 0, logprobs)
+                                          request.logprobs, 0, logprobs, first_token)
             offset = len(echo_text)
             self._completion_logprobs(out.token_ids, out.logprobs, request.logprobs, offset,
                                       logprobs)
@@ -579,7 +582,7 @@ class OpenAIServing:
 
     def _completion_response(self, request_id: str, model: str, finals: list[RequestOutput],
                              request: CompletionRequest, echo_texts: list[str],
-                             ) -> CompletionResponse:
+                             first_tokens: list[str | None]) -> CompletionResponse:
         choices = []
         num_prompt = num_generated = 0
         for p, final in enumerate(finals):
@@ -587,13 +590,15 @@ class OpenAIServing:
             for out in final.outputs:
                 num_generated += len(out.token_ids)
                 choices.append(self._completion_choice(p * request.n + out.index, out, final,
-                                                       request, echo_texts[p]))
+                                                       request, echo_texts[p],
+                                                       first_tokens[p]))
         usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
                           total_tokens=num_prompt + num_generated)
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
 
     async def _completion_chunks(self, outputs, request_id: str, model: str,
                                  request: CompletionRequest, prompts, echo_texts: list[str],
+                                 first_tokens: list[str | None],
                                  include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         n = request.n
@@ -607,7 +612,12 @@ class OpenAIServing:
         streams = [_ChoiceStream() for _ in range(total)]
         echoed = [not request.echo] * total
         text_offset = [len(echo_texts[i // n]) for i in range(total)]
+        # Deltas carry the prompt's logprobs once, in a prompt's first output; a choice
+        # that starts later echoes them too.
+        prompt_logprobs: list = [None] * len(prompts)
         async for p, output in outputs:
+            if output.prompt_logprobs is not None:
+                prompt_logprobs[p] = output.prompt_logprobs
             for out in output.outputs:
                 i = p * n + out.index
                 if streams[i].finished:
@@ -615,20 +625,19 @@ class OpenAIServing:
                 if not echoed[i]:
                     echoed[i] = True
                     logprobs = None
-                    if want_logprobs and output.prompt_logprobs is not None:
+                    if want_logprobs and prompt_logprobs[p] is not None:
                         logprobs = self._completion_logprobs(
-                            output.prompt_token_ids, output.prompt_logprobs, request.logprobs, 0)
+                            output.prompt_token_ids, prompt_logprobs[p], request.logprobs, 0,
+                            first_token=first_tokens[p])
                     yield chunk([CompletionChoice(index=i, text=echo_texts[p],
                                                   logprobs=logprobs)])
-                delta = streams[i].advance(out, want_logprobs)
-                if delta is None:
+                if not streams[i].advance(out, want_logprobs):
                     continue
-                text, start, end = delta
+                text = out.text
                 logprobs = None
                 if want_logprobs:
                     logprobs = self._completion_logprobs(
-                        out.token_ids[start:end], out.logprobs[start:end], request.logprobs,
-                        text_offset[i])
+                        out.token_ids, out.logprobs, request.logprobs, text_offset[i])
                     text_offset[i] += sum(len(t) for t in logprobs.tokens)
                 yield chunk([CompletionChoice(index=i, text=text, logprobs=logprobs,
                                               finish_reason=out.finish_reason,

@@ -226,15 +226,10 @@ def test_bitmask_masks_exactly_the_guided_rows(llm):
     manager = engine._get_structured_output()
     vocab = engine.hf_config.vocab_size
 
-    class Row:  # the one attribute fill_bitmask reads from a Request
-        def __init__(self, grammar):
-            self.grammar = grammar
-
     compiled = manager.compile(guided(regex=PHONE))
     advanced = manager.new_matcher(compiled, engine.eos_token_ids)
     assert advanced.accept_string("(55")
-    rows = [Row(None), Row(manager.new_matcher(compiled, engine.eos_token_ids)), Row(None),
-            Row(advanced)]
+    rows = [None, manager.new_matcher(compiled, engine.eos_token_ids), None, advanced]
     grammar_bitmask = manager.fill_bitmask(rows)
     assert grammar_bitmask.rows == [1, 3]
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
@@ -248,7 +243,7 @@ def test_bitmask_masks_exactly_the_guided_rows(llm):
         assert torch.isneginf(masked[row][~allowed]).all()
         assert allowed[tok.convert_tokens_to_ids(must_allow)]
         assert not allowed[tok.convert_tokens_to_ids(must_forbid)]
-    assert manager.fill_bitmask([Row(None), Row(None)]) is None
+    assert manager.fill_bitmask([None, None]) is None
 
 
 def test_unguided_requests_are_untouched_by_guided_neighbours(llm, mixed_batch):

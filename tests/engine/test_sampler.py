@@ -182,8 +182,8 @@ def test_fast_path_builds_nothing_nobody_asked_for():
         "seeded_rows",
         "bias_index",
         "stop_block_index",
-        "repetition_index",
-        "output_index",
+        "penalty_rows",
+        "output_counts",
     ):
         assert getattr(md, name) is None, name
     assert md.max_num_logprobs is None

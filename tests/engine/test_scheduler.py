@@ -28,14 +28,18 @@ def fake_token(request: Request) -> int:
 
 
 def step(sched: Scheduler) -> SchedulerOutput:
-    """What the engine does around the model: schedule, advance, sample, stop at max_tokens."""
+    """What the engine does around the model: schedule, advance, sample, stop at max_tokens.
+    It also replays each output's diffs as the runner would and checks that the block tables
+    they give are the KV cache manager's."""
     out = sched.schedule()
     assert out.total_num_scheduled_tokens <= sched.max_num_batched_tokens
-    assert len(out.scheduled_requests) <= sched.max_num_seqs
-    assert all(n > 0 for n in out.num_scheduled_tokens)
+    assert len(out.num_scheduled_tokens) <= sched.max_num_seqs
+    assert all(n > 0 for n in out.num_scheduled_tokens.values())
+    check_diffs(sched, out)
     sched.update_after_step(out)
     finished = []
-    for request in out.scheduled_requests:
+    for request_id in out.num_scheduled_tokens:
+        request = sched.requests[request_id]
         assert request.num_computed_tokens <= request.num_tokens
         if request.num_computed_tokens == request.num_tokens:
             request.append_token(fake_token(request))
@@ -45,9 +49,41 @@ def step(sched: Scheduler) -> SchedulerOutput:
     return out
 
 
+_RUNNER_TABLES: dict[int, dict[str, list[int]]] = {}  # id(scheduler) -> the runner's view
+
+
+def check_diffs(sched: Scheduler, out: SchedulerOutput) -> None:
+    tables = _RUNNER_TABLES.setdefault(id(sched), {})
+    for request_id in out.finished_request_ids + out.preempted_request_ids:
+        tables.pop(request_id, None)
+    for new in out.scheduled_new_reqs:
+        assert new.request_id not in tables
+        tables[new.request_id] = list(new.block_ids)
+    cached = out.scheduled_cached_reqs
+    for request_id, resumed, new_block_ids in zip(cached.request_ids,
+                                                  cached.resumed_from_preemption,
+                                                  cached.new_block_ids, strict=True):
+        if resumed:
+            tables[request_id] = list(new_block_ids)
+        else:
+            tables[request_id].extend(new_block_ids)
+    for request in sched.running:
+        assert tables[request.request_id] == blocks(sched, request)
+
+
+def blocks(sched: Scheduler, request: Request) -> list[int]:
+    """The request's block table, from its one owner."""
+    return sched.kv_cache_manager.get_block_ids(request.request_id)
+
+
+def step_table(sched: Scheduler, request: Request) -> list[int]:
+    """The block table the last step ran the request with (the runner's view: it outlives
+    the request's blocks when that step finished it)."""
+    return _RUNNER_TABLES[id(sched)][request.request_id]
+
+
 def scheduled(out: SchedulerOutput) -> list[tuple[str, int]]:
-    return [(r.request_id, n) for r, n in zip(out.scheduled_requests, out.num_scheduled_tokens,
-                                                   strict=True)]
+    return list(out.num_scheduled_tokens.items())
 
 
 def free_ids(sched: Scheduler) -> list[int]:
@@ -84,7 +120,7 @@ def test_budget_goes_to_running_then_waiting_fcfs():
     out = step(sched)
     # a fits whole; b gets the 4 tokens left (a chunk); c, behind b, waits.
     assert scheduled(out) == [("a", 6), ("b", 4)]
-    assert (a.block_ids, b.block_ids) == ([0, 1], [2])
+    assert (blocks(sched, a), blocks(sched, b)) == ([0, 1], [2])
     assert [r.request_id for r in sched.running] == ["a", "b"]
     assert [r.request_id for r in sched.waiting] == ["c"]
     assert (a.status, b.status, c.status) == (RequestStatus.RUNNING, RequestStatus.RUNNING,
@@ -94,14 +130,14 @@ def test_budget_goes_to_running_then_waiting_fcfs():
     out = step(sched)
     # Running first (a's decode, b's last 2 prompt tokens), then c from the waiting queue.
     assert scheduled(out) == [("a", 1), ("b", 2), ("c", 3)]
-    assert (a.block_ids, b.block_ids, c.block_ids) == ([0, 1], [2, 3], [4])
+    assert (blocks(sched, a), blocks(sched, b), blocks(sched, c)) == ([0, 1], [2, 3], [4])
     assert not sched.waiting
 
     out = step(sched)
     assert scheduled(out) == [("a", 1), ("b", 1), ("c", 1)]
     out = step(sched)
     assert scheduled(out) == [("a", 1), ("b", 1), ("c", 1)]
-    assert a.block_ids == [0, 1, 5]  # a's 9th token opened a third block
+    assert blocks(sched, a) == [0, 1, 5]  # a's 9th token opened a third block
     assert (a.num_computed_tokens, b.num_computed_tokens, c.num_computed_tokens) == (9, 8, 5)
     assert (a.output_token_ids, b.output_token_ids, c.output_token_ids) == (
         [1000, 1001, 1002, 1003], [1000, 1001, 1002], [1000, 1001, 1002])
@@ -145,8 +181,8 @@ def test_chunked_prefill_does_not_stall_decodes():
     assert long.num_computed_tokens == 30 and long.output_token_ids == [1000]
     assert d.output_token_ids == [1000, 1001, 1002, 1003, 1004]
     # 30 tokens over 8 blocks, taken step by step as d's table grew too.
-    assert long.block_ids == [1, 2, 3, 4, 5, 7, 8, 9]
-    assert (d.block_ids, late.block_ids) == ([0, 6], [10])
+    assert blocks(sched, long) == [1, 2, 3, 4, 5, 7, 8, 9]
+    assert (blocks(sched, d), blocks(sched, late)) == ([0, 6], [10])
 
     out = step(sched)
     assert scheduled(out) == [("d", 1), ("long", 1), ("late", 1)]
@@ -164,8 +200,8 @@ def test_max_num_seqs_caps_running_requests():
     assert scheduled(out) == [("a", 3), ("b", 3)]
     assert [r.request_id for r in sched.waiting] == ["c", "d"]
     # a reached max_tokens after one token and was finished (and freed) by the engine.
-    assert a.status == RequestStatus.FINISHED_LENGTH and a.block_ids == [0]
-    assert sched.kv_cache_manager.get_block_ids("a") == []
+    assert a.status == RequestStatus.FINISHED_LENGTH and out.scheduled_new_reqs[0].block_ids == [0]
+    assert sched.kv_cache_manager.get_block_ids("a") == [] and 0 in free_ids(sched)
 
     out = step(sched)
     assert scheduled(out) == [("b", 1), ("c", 3)]
@@ -192,7 +228,7 @@ def test_preemption_of_latest_admitted_request_loses_nothing():
         [("r", 1), ("v", 2)],
         [("r", 1), ("v", 1)],
     ]
-    assert (r.block_ids, v.block_ids) == ([0, 2], [1, 3, 4])
+    assert (blocks(sched, r), blocks(sched, v)) == ([0, 2], [1, 3, 4])
     assert free_ids(sched) == []
     assert v.num_computed_tokens == 9 and v.output_token_ids == [1000, 1001]
     assert sched.num_preemptions == 0
@@ -201,9 +237,9 @@ def test_preemption_of_latest_admitted_request_loses_nothing():
     out = step(sched)
     assert scheduled(out) == [("r", 1)]
     assert out.preempted_request_ids == ["v"]
-    assert r.block_ids == [0, 2, 4]
+    assert blocks(sched, r) == [0, 2, 4]
     assert v.status == RequestStatus.PREEMPTED
-    assert v.num_computed_tokens == 0 and v.block_ids == []
+    assert v.num_computed_tokens == 0 and blocks(sched, v) == []
     assert sched.kv_cache_manager.get_block_ids("v") == []
     assert v.all_token_ids == list(range(100, 108)) + [1000, 1001]  # sampled tokens kept
     assert [x.request_id for x in sched.waiting] == ["v"]
@@ -217,7 +253,7 @@ def test_preemption_of_latest_admitted_request_loses_nothing():
     out = step(sched)
     assert scheduled(out) == [("r", 1), ("v", 2)]  # readmitted, recomputed from scratch
     assert out.preempted_request_ids == []
-    assert v.status == RequestStatus.RUNNING and v.block_ids == [3]
+    assert v.status == RequestStatus.RUNNING and blocks(sched, v) == [3]
     assert v.num_computed_tokens == 2
 
     run_to_completion(sched)
@@ -250,7 +286,7 @@ def test_preempted_request_reuses_its_cached_blocks_on_readmission():
     sched.add_request(a)
     sched.add_request(b)
     assert scheduled(step(sched)) == [("a", 4), ("b", 12)]
-    assert (a.block_ids, b.block_ids) == ([0], [1, 2, 3])
+    assert (blocks(sched, a), blocks(sched, b)) == ([0], [1, 2, 3])
     out = step(sched)
     # a takes the last free block; b's 13th token needs a fourth: b preempts itself.
     assert scheduled(out) == [("a", 1)] and out.preempted_request_ids == ["b"]
@@ -261,7 +297,7 @@ def test_preempted_request_reuses_its_cached_blocks_on_readmission():
         assert scheduled(out) == [("a", 1)]
         assert [x.request_id for x in sched.waiting] == ["b"]
     out = step(sched)  # a's 9th token evicts b's least recently freed block (3)
-    assert scheduled(out) == [("a", 1)] and a.block_ids == [0, 4, 3]
+    assert scheduled(out) == [("a", 1)] and step_table(sched, a) == [0, 4, 3]
     assert a.status == RequestStatus.FINISHED_LENGTH
 
     out = step(sched)
@@ -269,7 +305,7 @@ def test_preempted_request_reuses_its_cached_blocks_on_readmission():
     assert scheduled(out) == [("b", 5)]
     assert out.finished_request_ids == ["a"]
     assert b.num_cached_tokens == 8
-    assert b.block_ids[:2] == [1, 2]
+    assert blocks(sched, b)[:2] == [1, 2]
     assert b.output_token_ids == [1000, 1001]
     run_to_completion(sched)
     assert b.output_token_ids == [1000, 1001, 1002]
@@ -283,7 +319,7 @@ def test_abort_waiting_and_running_requests_frees_their_blocks():
     for r in (a, b, c):
         sched.add_request(r)
     assert scheduled(step(sched)) == [("a", 6), ("b", 5)]
-    assert (a.block_ids, b.block_ids) == ([0, 1], [2, 3])
+    assert (blocks(sched, a), blocks(sched, b)) == ([0, 1], [2, 3])
     assert [r.request_id for r in sched.waiting] == ["c"]
     kvm = sched.kv_cache_manager
 
@@ -321,7 +357,7 @@ def test_abort_mid_prefill_and_while_preempted():
     sched.add_request(long)
     assert scheduled(step(sched)) == [("a", 3), ("long", 3)]
     assert scheduled(step(sched)) == [("a", 1), ("long", 5)]
-    assert long.block_ids == [1, 2]
+    assert blocks(sched, long) == [1, 2]
     # a's 5th token takes the last free block; long's next chunk needs two more, so long
     # (the latest admitted) preempts itself.
     out = step(sched)
@@ -329,13 +365,13 @@ def test_abort_mid_prefill_and_while_preempted():
     assert long.status == RequestStatus.PREEMPTED and list(sched.waiting) == [long]
     sched.finish_requests([long], RequestStatus.FINISHED_ABORTED)
     assert not sched.waiting and long.status == RequestStatus.FINISHED_ABORTED
-    assert a.block_ids == [0, 3] and free_ids(sched) == [2, 1]
+    assert blocks(sched, a) == [0, 3] and free_ids(sched) == [2, 1]
 
     mid = make_request("mid", 10, first_token=200)
     sched.add_request(mid)
     out = step(sched)
     assert scheduled(out) == [("a", 1), ("mid", 5)] and out.finished_request_ids == ["long"]
-    assert mid.num_computed_tokens == 5 and mid.block_ids == [2, 1]
+    assert mid.num_computed_tokens == 5 and blocks(sched, mid) == [2, 1]
     sched.finish_requests([mid, a], RequestStatus.FINISHED_ABORTED)
     assert step(sched).finished_request_ids == ["mid", "a"]
     assert_pool_full(sched)
@@ -346,7 +382,7 @@ def test_prefix_cache_hits_at_admission_reduce_scheduled_tokens():
     a = make_request("a", 10, max_tokens=3)
     sched.add_request(a)
     assert scheduled(step(sched)) == [("a", 10)]
-    assert a.block_ids == [0, 1, 2] and a.num_cached_tokens == 0
+    assert blocks(sched, a) == [0, 1, 2] and a.num_cached_tokens == 0
 
     b = Request("b", list(range(8)) + [50, 51], a.sampling_params, max_tokens=3)
     c = make_request("c", 8, max_tokens=3)  # exactly a's two full blocks
@@ -360,7 +396,7 @@ def test_prefix_cache_hits_at_admission_reduce_scheduled_tokens():
     assert out.total_num_scheduled_tokens == 9
     assert (b.num_cached_tokens, c.num_cached_tokens, d.num_cached_tokens) == (8, 4, 8)
     assert (b.num_computed_tokens, c.num_computed_tokens, d.num_computed_tokens) == (10, 8, 10)
-    assert (b.block_ids, c.block_ids, d.block_ids) == ([0, 1, 3], [0, 4], [0, 1, 5])
+    assert (blocks(sched, b), blocks(sched, c), blocks(sched, d)) == ([0, 1, 3], [0, 4], [0, 1, 5])
     assert ref_counts(sched)[:6] == [4, 3, 1, 1, 1, 1]
     assert all(r.output_token_ids == [1000] for r in (b, c, d))
 
@@ -371,6 +407,6 @@ def test_prefix_cache_hits_at_admission_reduce_scheduled_tokens():
     sched.add_request(e)
     out = step(sched)
     assert scheduled(out) == [("e", 2)]
-    assert e.num_cached_tokens == 8 and e.block_ids[:2] == [0, 1]
+    assert e.num_cached_tokens == 8 and out.scheduled_new_reqs[0].block_ids[:2] == [0, 1]
     assert e.status == RequestStatus.FINISHED_LENGTH
     assert_pool_full(sched)

@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
+from engine.tokenization import AsyncTokenizer
 from server.app import build_app
 from tests.server.conftest import MODEL_NAME
 
@@ -16,12 +17,18 @@ CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "m
 
 
 class FailingEngine:
-    """Looks like AsyncEngine to the app; every generate() fails with `error`."""
+    """Looks like AsyncEngine to the app (its public API: model_info, get_tokenizer, stats,
+    generate); every generate() fails with `error`."""
 
-    def __init__(self, llm, error: Exception, healthy: bool = True) -> None:
-        self.engine = llm
+    def __init__(self, real, error: Exception, healthy: bool = True, tokenizer=None) -> None:
+        self.model_info = real.model_info
+        self._tokenizer = tokenizer or real.get_tokenizer()
+        self.stats = real.stats
         self.error = error
         self.is_healthy = healthy
+
+    def get_tokenizer(self):
+        return self._tokenizer
 
     async def generate(self, request_id, prompt, params):
         raise self.error
@@ -32,8 +39,8 @@ class FailingEngine:
 
 
 @pytest.fixture(scope="module")
-def llm(server):
-    return server.async_engine.engine
+def real_engine(server):
+    return server.async_engine
 
 
 def test_api_key_guards_v1_only(server):
@@ -54,8 +61,8 @@ def test_api_key_guards_v1_only(server):
     (RequestFailedError("request x failed: RuntimeError"), 500, "request_failed"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
-def test_engine_errors_map_to_status(llm, error, status, code, stream):
-    client = TestClient(build_app(FailingEngine(llm, error), [MODEL_NAME]))
+def test_engine_errors_map_to_status(real_engine, error, status, code, stream):
+    client = TestClient(build_app(FailingEngine(real_engine, error), [MODEL_NAME]))
     for path, body in (("/v1/chat/completions", CHAT),
                        ("/v1/completions", {"prompt": "hi", "max_tokens": 2})):
         response = client.post(path, json={**body, "stream": stream})
@@ -64,18 +71,18 @@ def test_engine_errors_map_to_status(llm, error, status, code, stream):
         assert str(error) in response.json()["error"]["message"]
 
 
-def test_health_is_503_when_the_engine_is_dead(llm):
-    client = TestClient(build_app(FailingEngine(llm, RuntimeError(), healthy=False),
+def test_health_is_503_when_the_engine_is_dead(real_engine):
+    client = TestClient(build_app(FailingEngine(real_engine, RuntimeError(), healthy=False),
                                   [MODEL_NAME]))
     response = client.get("/health")
     assert response.status_code == 503 and response.json()["error"]["type"]
 
 
-def test_no_chat_template_is_a_clear_400(llm):
-    bare = SimpleNamespace(tokenizer=SimpleNamespace(
-        apply_chat_template=lambda *a, **k: (_ for _ in ()).throw(ValueError("no template"))),
-        max_model_len=llm.max_model_len, hf_config=llm.hf_config)
-    client = TestClient(build_app(FailingEngine(bare, RuntimeError()), [MODEL_NAME]))
+def test_no_chat_template_is_a_clear_400(real_engine):
+    tokenizer = AsyncTokenizer(SimpleNamespace(
+        apply_chat_template=lambda *a, **k: (_ for _ in ()).throw(ValueError("no template"))))
+    client = TestClient(build_app(FailingEngine(real_engine, RuntimeError(),
+                                                tokenizer=tokenizer), [MODEL_NAME]))
     response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 400 and "chat template" in response.json()["error"]["message"]
 
