@@ -1,0 +1,200 @@
+"""Host time per engine step, with the model's forward replaced by a stub, at batch 1/32/256
+and contexts 128/2k/8k: this tree and a baseline revision, each in its own process, in the
+same run.
+
+    python benchmarks/step_overhead.py --baseline REV     # e.g. the commit before a change
+    python benchmarks/step_overhead.py --quick            # batch 1/32, contexts 128/2k
+
+Each step is timed in phases: schedule, prepare (the runner's work before and around the
+forward, which is a stub returning zeros), logits + sampler (real arithmetic over
+[batch, vocab]: device work on a GPU, CPU work here), and output processing (appending
+tokens, stop checks, detokenizing, building outputs). The model is a dummy-weight Llama
+with SmolLM2's vocabulary (49,152), so detokenizing runs on the real tokenizer; "tokens
+only" runs skip the tokenizer. Writes benchmarks/results/step_overhead_<tag>.json and .md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VOCAB_SIZE = 49152
+PHASES = ("schedule", "prepare", "sample", "output")
+
+
+class _Timed:
+    """Wraps a callable and adds its wall time to `totals[name]`."""
+
+    def __init__(self, fn, totals: dict, name: str) -> None:
+        self.fn, self.totals, self.name = fn, totals, name
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.totals[self.name] += time.perf_counter() - start
+
+
+def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str) -> dict:
+    """Median per-phase milliseconds over `num_steps` decode steps of `batch` requests that
+    each hold `context` tokens. Uses only what every revision has: LLMEngine.step, the
+    scheduler's schedule, the runner's execute, its model and sampler."""
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.loader.resolve import resolve_model
+    from engine.sampling_params import SamplingParams
+
+    torch.set_num_threads(1)  # host work is one thread; keep the sampler's share comparable
+    max_model_len = context + num_steps + 64
+    engine = LLMEngine(EngineConfig(
+        model=model_dir, load_format="dummy", max_model_len=max_model_len,
+        tokenizer=str(resolve_model(None)) if text else None, skip_tokenizer_init=not text,
+        max_num_seqs=max(batch, 1), max_num_batched_tokens=8192,
+        kv_cache_memory=(batch * max_model_len + 4096) * 1024, enable_prefix_caching=True))
+    runner = engine.model_runner
+    hidden = runner.hf_config.hidden_size
+
+    def stub_forward(input_ids, positions, kv_caches, md):
+        return torch.zeros(len(input_ids), hidden)
+
+    runner.model.forward = stub_forward
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=num_steps + 32, ignore_eos=True,
+                            detokenize=text)
+    for i in range(batch):
+        engine.add_request(f"r{i}", [rng.randrange(64, VOCAB_SIZE) for _ in range(context)],
+                           params)
+    while len(engine.scheduler.running) < batch or engine.scheduler.waiting:
+        engine.step()  # prefill (the stub makes it cheap)
+    engine.step()  # the first decode step of everyone
+
+    totals = dict.fromkeys(("schedule", "execute", "sample", "logits", "step"), 0.0)
+    engine.scheduler.schedule = _Timed(engine.scheduler.schedule, totals, "schedule")
+    runner.execute = _Timed(runner.execute, totals, "execute")
+    runner.sampler = _Timed(runner.sampler, totals, "sample")
+    runner.model.compute_logits = _Timed(runner.model.compute_logits, totals, "logits")
+    samples = {phase: [] for phase in PHASES}
+    for _ in range(num_steps):
+        for key in totals:
+            totals[key] = 0.0
+        start = time.perf_counter()
+        outputs = engine.step()
+        step = time.perf_counter() - start
+        assert len(outputs) == batch
+        sample = totals["sample"] + totals["logits"]
+        samples["schedule"].append(totals["schedule"])
+        samples["prepare"].append(totals["execute"] - sample)
+        samples["sample"].append(sample)
+        samples["output"].append(step - totals["schedule"] - totals["execute"])
+    result = {phase: 1e3 * statistics.median(values) for phase, values in samples.items()}
+    result["host"] = result["schedule"] + result["prepare"] + result["output"]
+    return result
+
+
+def _worker(args) -> None:
+    sys.path.insert(0, os.getcwd())  # the revision being measured (this tree or a worktree)
+    results = [dict(batch=b, context=c, text=t, **measure(b, c, t, args.steps, args.model_dir))
+               for b, c, t in json.loads(args.cases)]
+    print(json.dumps(results))
+
+
+def _tiny_llama(directory: Path) -> str:
+    import transformers
+
+    transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=16384,
+        architectures=["LlamaForCausalLM"]).save_pretrained(directory)
+    return str(directory)
+
+
+def _run(tree: Path, cases, steps: int, model_dir: str) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", "--cases", json.dumps(cases),
+         "--steps", str(steps), "--model-dir", model_dir],
+        cwd=tree, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", help="git revision to measure beside this tree")
+    parser.add_argument("--quick", action="store_true", help="batch 1/32, contexts 128/2k")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cases", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return _worker(args)
+
+    batches, contexts = ((1, 32), (128, 2048)) if args.quick else ((1, 32, 256),
+                                                                   (128, 2048, 8192))
+    cases = [(b, c, False) for b in batches for c in contexts]
+    cases += [(b, 2048, True) for b in batches]  # detokenizing, at one context
+    trees = {"this tree": REPO_ROOT}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = _tiny_llama(Path(tmp) / "model")
+        if args.baseline:
+            worktree = Path(tmp) / "baseline"
+            subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.baseline],
+                           cwd=REPO_ROOT, check=True, capture_output=True)
+            trees = {f"baseline {args.baseline}": worktree, **trees}
+        try:
+            runs = {name: _run(tree, cases, args.steps, model_dir) for name, tree in trees.items()}
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "worktree", "remove", "--force", str(worktree)],
+                               cwd=REPO_ROOT, check=False, capture_output=True)
+    load = os.getloadavg()
+    report = {
+        "command": "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"load {load[0]:.2f}",
+        "steps_per_case": args.steps, "runs": runs,
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stem = RESULTS_DIR / f"step_overhead_{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(report))
+    print(_markdown(report))
+
+
+def _markdown(report: dict) -> str:
+    names = list(report["runs"])
+    lines = [
+        "# Host time per decode step (model forward stubbed)", "",
+        f"`{report['command']}` — {report['machine']}; median of "
+        f"{report['steps_per_case']} steps, milliseconds. host = schedule + prepare + output "
+        "(sample is the logits and sampler arithmetic over [batch, 49152]).", "",
+        "| batch | context | text | " + " | ".join(
+            f"{n}: schedule / prepare / sample / output / **host**" for n in names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for i, case in enumerate(report["runs"][names[0]]):
+        cells = []
+        for n in names:
+            r = report["runs"][n][i]
+            cells.append(" / ".join(f"{r[p]:.2f}" for p in PHASES) + f" / **{r['host']:.2f}**")
+        lines.append(f"| {case['batch']} | {case['context']} | {'yes' if case['text'] else 'no'}"
+                     f" | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
