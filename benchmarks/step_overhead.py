@@ -6,8 +6,8 @@ same run.
     python benchmarks/step_overhead.py --quick            # batch 1/32, contexts 128/2k
 
 Each step is timed in phases: schedule, prepare (the runner's work before and around the
-forward, which is a stub returning zeros), logits + sampler (real arithmetic over
-[batch, vocab]: device work on a GPU, CPU work here), and output processing (appending
+forward, which is a stub, as is the LM head), the sampler (real arithmetic over
+[batch, vocab] logits: device work on a GPU, CPU work here), and output processing (appending
 tokens, stop checks, detokenizing, building outputs). The model is a dummy-weight Llama
 with SmolLM2's vocabulary (49,152), so detokenizing runs on the real tokenizer; "tokens
 only" runs skip the tokenizer. Writes benchmarks/results/step_overhead_<tag>.json and .md."""
@@ -58,7 +58,8 @@ def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str
     from engine.sampling_params import SamplingParams
 
     torch.set_num_threads(1)  # host work is one thread; keep the sampler's share comparable
-    max_model_len = context + num_steps + 64
+    # Room for the tokens the first requests decode while the last ones prefill.
+    max_model_len = context + num_steps + batch * context // 8192 + 64
     engine = LLMEngine(EngineConfig(
         model=model_dir, load_format="dummy", max_model_len=max_model_len,
         tokenizer=str(resolve_model(None)) if text else None, skip_tokenizer_init=not text,
@@ -67,25 +68,35 @@ def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str
     runner = engine.model_runner
     hidden = runner.hf_config.hidden_size
 
+    # The stubs hand out slices of tensors made once, so no step pays for allocating (and
+    # freeing: tens of MB at batch 256) what a real forward and LM head would compute.
+    hidden_states = torch.zeros(8192, hidden)
+    logits = torch.randn(max(batch, 1), VOCAB_SIZE)
+
     def stub_forward(input_ids, positions, kv_caches, md):
-        return torch.zeros(len(input_ids), hidden)
+        return hidden_states[:len(input_ids)]
 
     runner.model.forward = stub_forward
+    runner.model.compute_logits = lambda hidden: logits[:len(hidden)]
     rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=num_steps + 32, ignore_eos=True,
-                            detokenize=text)
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, detokenize=text)
+    try:  # a server streams deltas; revisions before RequestOutputKind built cumulative ones
+        from engine.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.DELTA
+    except ImportError:
+        pass
     for i in range(batch):
         engine.add_request(f"r{i}", [rng.randrange(64, VOCAB_SIZE) for _ in range(context)],
                            params)
-    while len(engine.scheduler.running) < batch or engine.scheduler.waiting:
-        engine.step()  # prefill (the stub makes it cheap)
-    engine.step()  # the first decode step of everyone
+    while len(engine.step()) < batch:
+        pass  # prefill (the stub makes it cheap), until every request samples each step
+    engine.step()
 
-    totals = dict.fromkeys(("schedule", "execute", "sample", "logits", "step"), 0.0)
+    totals = dict.fromkeys(("schedule", "execute", "sample"), 0.0)
     engine.scheduler.schedule = _Timed(engine.scheduler.schedule, totals, "schedule")
     runner.execute = _Timed(runner.execute, totals, "execute")
     runner.sampler = _Timed(runner.sampler, totals, "sample")
-    runner.model.compute_logits = _Timed(runner.model.compute_logits, totals, "logits")
     samples = {phase: [] for phase in PHASES}
     for _ in range(num_steps):
         for key in totals:
@@ -94,7 +105,7 @@ def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str
         outputs = engine.step()
         step = time.perf_counter() - start
         assert len(outputs) == batch
-        sample = totals["sample"] + totals["logits"]
+        sample = totals["sample"]
         samples["schedule"].append(totals["schedule"])
         samples["prepare"].append(totals["execute"] - sample)
         samples["sample"].append(sample)
@@ -126,7 +137,9 @@ def _run(tree: Path, cases, steps: int, model_dir: str) -> list[dict]:
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", "--cases", json.dumps(cases),
          "--steps", str(steps), "--model-dir", model_dir],
-        cwd=tree, env=env, check=True, capture_output=True, text=True)
+        cwd=tree, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"measuring {tree} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -181,7 +194,7 @@ def _markdown(report: dict) -> str:
         "# Host time per decode step (model forward stubbed)", "",
         f"`{report['command']}` — {report['machine']}; median of "
         f"{report['steps_per_case']} steps, milliseconds. host = schedule + prepare + output "
-        "(sample is the logits and sampler arithmetic over [batch, 49152]).", "",
+        "(sample is the sampler's arithmetic over [batch, 49152] logits).", "",
         "| batch | context | text | " + " | ".join(
             f"{n}: schedule / prepare / sample / output / **host**" for n in names) + " |",
         "|---|---|---|" + "---|" * len(names),
