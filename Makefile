@@ -27,7 +27,7 @@ test: install
 	$(PYTHON) -m pytest -q
 
 lint:
-	$(PYTHON) -m ruff check engine kernels server benchmarks tests
+	$(PYTHON) -m ruff check pagedserve engine kernels server benchmarks tests
 
 bench: install
 	$(PYTHON) benchmarks/throughput.py

@@ -43,7 +43,7 @@ except ValueError: pass' >"$WORK/$name.json"
 : >"$OUT/status.txt"
 : >"$OUT/logs.txt"
 part env 30 python -c 'import json, torch, triton, transformers, importlib.util as u
-import engine, kernels.paged_attention  # the engine must import without the server deps
+import pagedserve.engine, pagedserve.kernels.paged_attention  # the engine must import without the server deps
 print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
   "transformers": transformers.__version__, "device": torch.cuda.get_device_name(),
   "fastapi_installed": u.find_spec("fastapi") is not None}))'

@@ -74,13 +74,13 @@ def paged_batch(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, block_s
 
 # ---- kernels --------------------------------------------------------------------------
 def check_kernels() -> dict:
-    from kernels.paged_attention import (
+    from pagedserve.kernels.paged_attention import (
         num_kv_splits,
         paged_attention,
         paged_attention_ref,
         paged_attention_split_kv,
     )
-    from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+    from pagedserve.kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 
     rng = random.Random(0)
     cases = {
@@ -157,7 +157,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def check_parity() -> dict:
-    from engine import LLM, SamplingParams
+    from pagedserve.engine import LLM, SamplingParams
     from tests.tiny_models import build_tiny_model, hf_greedy
 
     rng = random.Random(0)
@@ -228,7 +228,11 @@ ATTN_SHAPE = dict(heads=32, kv_heads=8, head_dim=128, block_size=16)  # Llama-3-
 def bench_decode_case(batch: int, ctx: int, bandwidth: float) -> dict:
     import torch.nn.functional as F
 
-    from kernels.paged_attention import num_kv_splits, paged_attention, paged_attention_split_kv
+    from pagedserve.kernels.paged_attention import (
+        num_kv_splits,
+        paged_attention,
+        paged_attention_split_kv,
+    )
 
     h, hkv, d, bs = (ATTN_SHAPE[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
     dtype = torch.bfloat16
@@ -285,8 +289,8 @@ def bench_attention() -> dict:
 
 # ---- fused ops -------------------------------------------------------------------------
 def bench_fused_case(tokens: int) -> dict:
-    from engine.models.llama import RMSNorm, RotaryEmbedding
-    from kernels.fused_ops import fused_add_rms_norm, rotary_embedding
+    from pagedserve.engine.models.llama import RMSNorm, RotaryEmbedding
+    from pagedserve.kernels.fused_ops import fused_add_rms_norm, rotary_embedding
 
     dtype, hidden = torch.bfloat16, 2048
     x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")

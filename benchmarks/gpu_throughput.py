@@ -37,7 +37,7 @@ from benchmarks.throughput import (  # noqa: E402
 def run_pagedserve(args, workload) -> dict:
     import torch
 
-    from engine import LLM
+    from pagedserve.engine import LLM
 
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True,
               dtype="bfloat16", max_num_seqs=args.max_num_seqs,

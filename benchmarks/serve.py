@@ -288,7 +288,7 @@ def launched_server(serve_args: list[str], log_path: Path,
     """Start `pagedserve serve` on a free port, wait for /health, yield its /v1 base URL,
     and terminate it afterwards (SIGTERM, then SIGKILL)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "pagedserve.server.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), *serve_args]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     with open(log_path, "w") as log:

@@ -50,12 +50,21 @@ def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str
     """Median per-phase milliseconds over `num_steps` decode steps of `batch` requests that
     each hold `context` tokens. Uses only what every revision has: LLMEngine.step, the
     scheduler's schedule, the runner's execute, its model and sampler."""
+    import importlib
+
     import torch
 
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.loader.resolve import resolve_model
-    from engine.sampling_params import SamplingParams
+    # Revisions before the one import name had a top-level `engine` package.
+    prefix = "pagedserve." if Path("pagedserve").is_dir() else ""
+
+    def engine_module(name: str):
+        return importlib.import_module(f"{prefix}engine.{name}")
+
+    EngineConfig = engine_module("config").EngineConfig
+    LLMEngine = engine_module("llm_engine").LLMEngine
+    resolve_model = engine_module("loader.resolve").resolve_model
+    sampling_params = engine_module("sampling_params")
+    SamplingParams = sampling_params.SamplingParams
 
     torch.set_num_threads(1)  # host work is one thread; keep the sampler's share comparable
     # Room for the tokens the first requests decode while the last ones prefill.
@@ -80,12 +89,8 @@ def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str
     runner.model.compute_logits = lambda hidden: logits[:len(hidden)]
     rng = random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, detokenize=text)
-    try:  # a server streams deltas; revisions before RequestOutputKind built cumulative ones
-        from engine.sampling_params import RequestOutputKind
-
-        params.output_kind = RequestOutputKind.DELTA
-    except ImportError:
-        pass
+    if hasattr(sampling_params, "RequestOutputKind"):  # a server streams deltas; revisions
+        params.output_kind = sampling_params.RequestOutputKind.DELTA  # before built cumulative
     for i in range(batch):
         engine.add_request(f"r{i}", [rng.randrange(64, VOCAB_SIZE) for _ in range(context)],
                            params)

@@ -73,7 +73,7 @@ class GrammarTimer:
     """Wall time inside the engine's per-step grammar calls (mask fill and apply)."""
 
     def __init__(self) -> None:
-        from engine.structured_output import GrammarBitmask, StructuredOutputManager
+        from pagedserve.engine.structured_output import GrammarBitmask, StructuredOutputManager
 
         self.seconds = 0.0
         for owner, name in ((StructuredOutputManager, "fill_bitmask"), (GrammarBitmask, "apply")):
@@ -133,7 +133,7 @@ def main() -> None:
 
     import torch
 
-    from engine import LLM, GuidedDecodingParams, SamplingParams
+    from pagedserve.engine import LLM, GuidedDecodingParams, SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)

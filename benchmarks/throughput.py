@@ -48,7 +48,7 @@ def run_workload(llm, workload: list[dict], on_step=None, on_start=None) -> tupl
     """Warm the engine up, then submit the whole workload (greedy, ignore_eos) and step it
     to completion; returns (seconds, output tokens). on_start() runs after the warm-up,
     on_step() after every timed step."""
-    from engine import SamplingParams
+    from pagedserve.engine import SamplingParams
 
     engine = llm.llm_engine
     warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -111,7 +111,7 @@ def hf_run_workload(model, workload: list[dict], batch_size: int, device: str,
 def run_pagedserve(args, workload) -> dict:
     import torch
 
-    from engine import LLM
+    from pagedserve.engine import LLM
 
     llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
@@ -145,7 +145,7 @@ def run_hf(args, workload) -> dict:
     import torch
     import transformers
 
-    from engine.loader.resolve import resolve_model
+    from pagedserve.engine.loader.resolve import resolve_model
 
     model_dir = resolve_model(args.model)  # same weights as ours (a GGUF is converted once)
     dtype = {"auto": torch.float32, "float32": torch.float32,
@@ -196,7 +196,7 @@ def run_child(runner: str, args, workload_path: Path) -> dict:
 def load_config(model):
     from transformers import AutoConfig
 
-    from engine.loader.resolve import resolve_model
+    from pagedserve.engine.loader.resolve import resolve_model
 
     return AutoConfig.from_pretrained(resolve_model(model))
 

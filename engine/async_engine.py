@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
-from engine.llm_engine import EngineStats, LLMEngine, ModelInfo, PromptType
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.tokenization import AsyncTokenizer
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo, PromptType
+from pagedserve.engine.outputs import RequestOutput
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.tokenization import AsyncTokenizer
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineStats",
            "ModelInfo", "RequestFailedError"]

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from engine.attention import AttentionMetadata
+from pagedserve.engine.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

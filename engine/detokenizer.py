@@ -8,7 +8,7 @@ from typing import Any
 
 import tokenizers
 
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import SamplingParams
 
 # Prompt tokens kept as decoding context (vLLM's numbers): decoders that add or drop a leading
 # space (WordPiece, Metaspace) must see the previous word to render the first output token as it

@@ -116,7 +116,7 @@ class EmbeddingEngine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if model is None:
-            from engine.loader.default_model import default_embedding_model_path
+            from pagedserve.engine.loader.default_model import default_embedding_model_path
 
             self.model_dir = default_embedding_model_path()
             self.name = DEFAULT_EMBEDDING_MODEL_NAME

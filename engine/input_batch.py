@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.sampler import SamplingRows, penalty_rows, penalty_state
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.sampler import SamplingRows, penalty_rows, penalty_state
+from pagedserve.engine.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from engine.request import Request
+from pagedserve.engine.request import Request
 
 BlockHash = bytes
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, PromptType
-from engine.outputs import RequestOutput
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.llm_engine import LLMEngine, PromptType
+from pagedserve.engine.outputs import RequestOutput
+from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, str]
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import KVCacheManager
-from engine.model_runner import ModelRunner, ModelRunnerOutput
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.request import FINISH_REASONS, Request, RequestStatus
-from engine.sampling_params import RequestOutputKind, SamplingParams
-from engine.scheduler import Scheduler
-from engine.structured_output import StructuredOutputManager
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
+from pagedserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.engine.request import FINISH_REASONS, Request, RequestStatus
+from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.engine.scheduler import Scheduler
+from pagedserve.engine.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from engine.loader.resolve import resolve_model
+        from pagedserve.engine.loader.resolve import resolve_model
 
         self.config = config
         start = time.perf_counter()

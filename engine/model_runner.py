@@ -13,18 +13,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, get_attention_backend
-from engine.config import EngineConfig
-from engine.cuda_graph import CudaGraphRunner
-from engine.input_batch import CachedRequestState, InputBatch, StepInputs
-from engine.loader.weights import init_dummy_weights, iterate_safetensors
-from engine.models import get_model_class
-from engine.models.llama import RotaryEmbedding
-from engine.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
-from engine.scheduler import SchedulerOutput
+from pagedserve.engine.attention import AttentionMetadata, get_attention_backend
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.cuda_graph import CudaGraphRunner
+from pagedserve.engine.input_batch import CachedRequestState, InputBatch, StepInputs
+from pagedserve.engine.loader.weights import init_dummy_weights, iterate_safetensors
+from pagedserve.engine.models import get_model_class
+from pagedserve.engine.models.llama import RotaryEmbedding
+from pagedserve.engine.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+from pagedserve.engine.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
-    from engine.structured_output import GrammarBitmask
+    from pagedserve.engine.structured_output import GrammarBitmask
 
 logger = logging.getLogger(__name__)
 

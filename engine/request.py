@@ -6,13 +6,13 @@ import enum
 import time
 from typing import TYPE_CHECKING
 
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import xgrammar
 
-    from engine.detokenizer import IncrementalDetokenizer
-    from engine.outputs import Logprob
+    from pagedserve.engine.detokenizer import IncrementalDetokenizer
+    from pagedserve.engine.outputs import Logprob
 
 
 class RequestStatus(enum.IntEnum):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import SamplingParams
 
 # How many best tokens top-k / top-p look at before a full sort (see _truncate).
 _CANDIDATE_SIZES = (64, 1024)

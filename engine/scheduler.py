@@ -10,9 +10,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine.kv_cache import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.engine.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.sampling_params import GuidedDecodingParams
+from pagedserve.engine.sampling_params import GuidedDecodingParams
 
 if TYPE_CHECKING:
     import xgrammar

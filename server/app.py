@@ -17,11 +17,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine.async_engine import AsyncEngine
-from engine.embedding import AsyncEmbeddingEngine
-from server.errors import APIError, error_body
-from server.metrics import ServerMetrics
-from server.protocol import (
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.engine.embedding import AsyncEmbeddingEngine
+from pagedserve.server.errors import APIError, error_body
+from pagedserve.server.metrics import ServerMetrics
+from pagedserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -32,7 +32,7 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.serving import OpenAIServing, OpenAIServingEmbedding
+from pagedserve.server.serving import OpenAIServing, OpenAIServingEmbedding
 
 logger = logging.getLogger(__name__)
 

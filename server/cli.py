@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from server.tool_parsers import TOOL_PARSERS
+from pagedserve.server.tool_parsers import TOOL_PARSERS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
@@ -63,14 +63,14 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_params(args: argparse.Namespace):
-    from engine import SamplingParams
+    from pagedserve.engine import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine import LLM
+    from pagedserve.engine import LLM
 
     llm = LLM(**engine_kwargs(args))
     outputs = llm.generate(args.prompt, _sampling_params(args), use_tqdm=len(args.prompt) > 1)
@@ -80,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from engine import LLM
+    from pagedserve.engine import LLM
 
     llm = LLM(**engine_kwargs(args))
     params = _sampling_params(args)
@@ -131,7 +131,7 @@ def load_embedding_engine(args: argparse.Namespace, logger: logging.Logger):
         return None
     import torch
 
-    from engine.embedding import AsyncEmbeddingEngine, EmbeddingEngine
+    from pagedserve.engine.embedding import AsyncEmbeddingEngine, EmbeddingEngine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.embedding_model is None:
@@ -150,9 +150,9 @@ def load_embedding_engine(args: argparse.Namespace, logger: logging.Logger):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from engine import EngineConfig
-    from engine.async_engine import AsyncEngine
-    from server.app import build_app
+    from pagedserve.engine import EngineConfig
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.server.app import build_app
 
     logger = logging.getLogger("pagedserve.serve")
     chat_template = read_chat_template(args.chat_template)

@@ -3,7 +3,7 @@ A module of its own so that helpers of server/serving.py can raise it too."""
 
 from __future__ import annotations
 
-from server.protocol import ErrorInfo, ErrorResponse
+from pagedserve.server.protocol import ErrorInfo, ErrorResponse
 
 
 class APIError(Exception):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.sampling_params import GuidedDecodingParams
-from server.errors import APIError
-from server.protocol import SamplingRequest
+from pagedserve.engine.sampling_params import GuidedDecodingParams
+from pagedserve.server.errors import APIError
+from pagedserve.server.protocol import SamplingRequest
 
 
 def _requested_guides(request: SamplingRequest) -> list[tuple[str, dict[str, Any]]]:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.sampling_params import MAX_LOGPROBS
+from pagedserve.engine.sampling_params import MAX_LOGPROBS
 
 
 class OpenAIBaseModel(BaseModel):

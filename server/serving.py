@@ -15,19 +15,19 @@ from typing import Any
 import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.async_engine import (
+from pagedserve.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
     EngineOverloadedError,
     RequestFailedError,
 )
-from engine.embedding import AsyncEmbeddingEngine, InputTooLongError
-from engine.outputs import CompletionOutput, DeltaAccumulator, Logprob, RequestOutput
-from engine.sampling_params import RequestOutputKind, SamplingParams
-from server.errors import APIError, error_body
-from server.guided import guided_decoding
-from server.metrics import ServerMetrics
-from server.protocol import (
+from pagedserve.engine.embedding import AsyncEmbeddingEngine, InputTooLongError
+from pagedserve.engine.outputs import CompletionOutput, DeltaAccumulator, Logprob, RequestOutput
+from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.server.errors import APIError, error_body
+from pagedserve.server.guided import guided_decoding
+from pagedserve.server.metrics import ServerMetrics
+from pagedserve.server.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
     ChatCompletionChunk,
@@ -56,8 +56,8 @@ from server.protocol import (
     UsageInfo,
     sampling_kwargs,
 )
-from server.tool_parsers import StreamDelta, ToolCallStream, get_tool_parser
-from server.tools import ToolPlan, conversation, template_knows_tools, tool_dicts
+from pagedserve.server.tool_parsers import StreamDelta, ToolCallStream, get_tool_parser
+from pagedserve.server.tools import ToolPlan, conversation, template_knows_tools, tool_dicts
 
 # JSON has no -inf; OpenAI and vLLM clamp to this.
 _MIN_LOGPROB = -9999.0

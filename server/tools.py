@@ -22,9 +22,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ChatCompletionTool, ChatMessage
-from server.tool_parsers import GuidedToolCallStream, ToolCallStream, ToolParser
+from pagedserve.server.errors import APIError
+from pagedserve.server.protocol import ChatCompletionRequest, ChatCompletionTool, ChatMessage
+from pagedserve.server.tool_parsers import GuidedToolCallStream, ToolCallStream, ToolParser
 
 # Hermes 2 Pro's own function-calling system prompt, lightly shortened.
 DEFAULT_TOOL_PROMPT = (

@@ -31,11 +31,11 @@ class AttentionMetadata:
 
 def get_attention_backend(name: str, num_heads: int, num_kv_heads: int):
     if name == "torch":
-        from engine.attention.torch_backend import TorchAttentionBackend
+        from pagedserve.engine.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend(num_heads, num_kv_heads)
     if name == "triton":
-        from engine.attention.triton_backend import TritonAttentionBackend
+        from pagedserve.engine.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend(num_heads, num_kv_heads)
     raise ValueError(f"unknown attention backend {name!r}; available: 'torch', 'triton'")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata
+from pagedserve.engine.attention import AttentionMetadata
 
 # A decode bucket grows while its longest context is at most this factor of its shortest:
 # bounds padding waste at ~1/3 of the gathered context, with only a handful of buckets.

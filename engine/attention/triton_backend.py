@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata
+from pagedserve.engine.attention import AttentionMetadata
 
 
 class TritonAttentionBackend:
@@ -16,12 +16,12 @@ class TritonAttentionBackend:
 
     def __init__(self, num_heads: int, num_kv_heads: int) -> None:
         # Imported here so the engine imports (and runs on CPU) without triton.
-        from kernels.paged_attention import (
+        from pagedserve.kernels.paged_attention import (
             num_kv_splits,
             paged_attention,
             paged_attention_split_kv,
         )
-        from kernels.reshape_and_cache import reshape_and_cache
+        from pagedserve.kernels.reshape_and_cache import reshape_and_cache
 
         self.num_kv_heads = num_kv_heads
         self._num_kv_splits = num_kv_splits

@@ -46,14 +46,14 @@ def _is_complete(hf_dir: pathlib.Path) -> bool:
 def gguf_cache_path(gguf_path: str | os.PathLike) -> pathlib.Path:
     """Cache directory for the HF conversion of `gguf_path`, keyed by its content and the
     converter version (so a changed converter never serves a stale conversion)."""
-    from engine.loader.gguf import CONVERTER_VERSION
+    from pagedserve.engine.loader.gguf import CONVERTER_VERSION
 
     digest = file_sha256(gguf_path)
     return pagedserve_cache_dir() / "gguf" / f"{digest[:20]}-c{CONVERTER_VERSION}"
 
 
 def _resolve_gguf(gguf_path: pathlib.Path) -> pathlib.Path:
-    from engine.loader.gguf import convert_gguf_to_hf_dir
+    from pagedserve.engine.loader.gguf import convert_gguf_to_hf_dir
 
     start = time.perf_counter()
     out_dir = gguf_cache_path(gguf_path)
@@ -83,7 +83,7 @@ def resolve_model(model: str | os.PathLike | None) -> pathlib.Path:
     Anything else (e.g. a hub id) is a ValueError: pagedserve never downloads models.
     """
     if model is None:
-        from engine.loader.default_model import default_model_path
+        from pagedserve.engine.loader.default_model import default_model_path
 
         return _resolve_gguf(default_model_path())
     path = pathlib.Path(model).expanduser()

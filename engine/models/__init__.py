@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.models.llama import (
+from pagedserve.engine.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
     Qwen2ForCausalLM,

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata
-from engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
+from pagedserve.engine.attention import AttentionMetadata
+from pagedserve.engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
 
 
 class RMSNorm(nn.Module):
@@ -234,7 +234,7 @@ class LlamaForCausalLM(nn.Module):
 
     def use_triton_kernels(self) -> None:
         """GPU: fused residual-add + RMSNorm and in-place rotary (kernels.fused_ops)."""
-        from kernels.fused_ops import fused_add_rms_norm, rotary_embedding
+        from pagedserve.kernels.fused_ops import fused_add_rms_norm, rotary_embedding
 
         for module in self.modules():
             if isinstance(module, RMSNorm):

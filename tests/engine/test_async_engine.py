@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
-from engine.config import EngineConfig
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from pagedserve.engine.config import EngineConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -264,7 +264,7 @@ def test_shutdown_joins_the_thread(tiny_dir, abort_in_flight):
 
 def test_one_failing_request_does_not_stop_the_others(tiny_dir, monkeypatch):
     """A request whose output processing raises fails alone; the engine stays healthy."""
-    from engine.async_engine import RequestFailedError
+    from pagedserve.engine.async_engine import RequestFailedError
 
     async def main():
         async_engine = AsyncEngine(make_config(tiny_dir))

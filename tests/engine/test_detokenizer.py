@@ -11,8 +11,8 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.sampling_params import SamplingParams
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -450,7 +450,7 @@ def test_cost_per_token_does_not_grow_with_length(byte_fallback) -> None:
 @pytest.mark.slow
 def test_real_chat_tokenizer_smollm2() -> None:
     """SmolLM2's byte-level BPE, as the project's loader converts it from the embedded GGUF."""
-    from engine.loader.resolve import resolve_model
+    from pagedserve.engine.loader.resolve import resolve_model
 
     tok = transformers.AutoTokenizer.from_pretrained(str(resolve_model(None)))
     rng = random.Random(7)

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from engine.embedding import (
+from pagedserve.engine.embedding import (
     AsyncEmbeddingEngine,
     EmbeddingEngine,
     InputTooLongError,

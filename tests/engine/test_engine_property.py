@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import LLM, SamplingParams
+from pagedserve.engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.outputs import RequestOutput
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.outputs import RequestOutput
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

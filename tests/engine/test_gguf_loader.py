@@ -17,9 +17,9 @@ import torch
 import transformers
 from gguf import GGMLQuantizationType as QT
 
-import engine.loader.default_model as default_model
-import engine.loader.gguf as gguf_loader
-from engine.loader.resolve import resolve_model
+import pagedserve.engine.loader.default_model as default_model
+import pagedserve.engine.loader.gguf as gguf_loader
+from pagedserve.engine.loader.resolve import resolve_model
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "

@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 import torch
 
-from engine import LLM, GuidedDecodingParams, SamplingParams
-from engine.outputs import RequestOutput
+from pagedserve.engine import LLM, GuidedDecodingParams, SamplingParams
+from pagedserve.engine.outputs import RequestOutput
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -2,9 +2,14 @@
 
 import pytest
 
-from engine.kv_cache import FreeBlockQueue, KVCacheBlock, KVCacheManager, hash_block_tokens
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.kv_cache import (
+    FreeBlockQueue,
+    KVCacheBlock,
+    KVCacheManager,
+    hash_block_tokens,
+)
+from pagedserve.engine.request import Request
+from pagedserve.engine.sampling_params import SamplingParams
 
 
 def make_request(request_id: str, tokens: list[int], **params) -> Request:

@@ -4,8 +4,8 @@ transformers loading the same GGUF file."""
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.loader.default_model import default_model_path
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.loader.default_model import default_model_path
 
 pytestmark = pytest.mark.slow
 

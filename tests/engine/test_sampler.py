@@ -10,7 +10,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from engine.sampler import (
+from pagedserve.engine.sampler import (
     Sampler,
     SamplingMetadata,
     _inverse_cdf,
@@ -19,7 +19,7 @@ from engine.sampler import (
     apply_top_k_top_p_min_p,
     compute_prompt_logprobs,
 )
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 

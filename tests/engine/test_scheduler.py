@@ -1,10 +1,10 @@
 """Scheduler policy step by step, with a real KV cache manager and no model: token budget,
 FCFS, chunked prefill, max_num_seqs, preemption, abort and prefix-cache hits."""
 
-from engine.kv_cache import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 
 BLOCK_SIZE = 4
 FIRST_FAKE_TOKEN = 1000

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.input_batch import CachedRequestState, InputBatch
-from engine.llm_engine import LLMEngine
-from engine.outputs import DeltaAccumulator, RequestOutput
-from engine.sampling_params import RequestOutputKind, SamplingParams
-from engine.scheduler import SchedulerOutput
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.input_batch import CachedRequestState, InputBatch
+from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.outputs import DeltaAccumulator, RequestOutput
+from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.engine.scheduler import SchedulerOutput
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -160,7 +160,7 @@ def test_penalty_counts_follow_their_row_through_condense():
 
 @pytest.fixture(scope="module")
 def text_engine(tiny_dir_49k):
-    from engine.loader.resolve import resolve_model
+    from pagedserve.engine.loader.resolve import resolve_model
 
     return LLMEngine(EngineConfig(model=str(tiny_dir_49k), tokenizer=str(resolve_model(None)),
                                   max_model_len=128, block_size=4, max_num_batched_tokens=16,

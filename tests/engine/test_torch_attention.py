@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.attention.torch_backend import TorchAttentionBackend
-from engine.models.mkl_packed import mkl_packing_available, pack_weight, packed_linear
+from pagedserve.engine.attention import AttentionMetadata
+from pagedserve.engine.attention.torch_backend import TorchAttentionBackend
+from pagedserve.engine.models.mkl_packed import mkl_packing_available, pack_weight, packed_linear
 
 
 def reference(q, k_ctx, v_ctx, scale):
@@ -88,7 +88,7 @@ def test_dummy_prefill_for_gpu_memory_profiling(tiny_dir):
     """The step the GPU KV sizing profiles (ModelRunner.dummy_prefill): a full token budget
     split at max_model_len, every token's slot is where its block table says, and the
     model runs on it (here on CPU, through the torch backend)."""
-    from engine import LLM
+    from pagedserve.engine import LLM
 
     llm = LLM(model=str(tiny_dir), skip_tokenizer_init=True, max_model_len=100)
     runner = llm.llm_engine.model_runner

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.fused_ops import (  # noqa: E402
+from pagedserve.kernels.fused_ops import (  # noqa: E402
     fused_add_rms_norm,
     fused_add_rms_norm_ref,
     rotary_embedding,

@@ -9,13 +9,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.paged_attention import (  # noqa: E402
+from pagedserve.kernels.paged_attention import (  # noqa: E402
     num_kv_splits,
     paged_attention,
     paged_attention_ref,
     paged_attention_split_kv,
 )
-from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref  # noqa: E402
+from pagedserve.kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_BLOCKS = 2000  # large block ids; only the blocks a test uses are ever written
@@ -191,8 +191,8 @@ def test_sliding_window_unified_and_split_kv(window, dtype):
 def test_cache_write_then_attention_matches_torch_backend():
     """One mixed step end to end: write the new K/V with reshape_and_cache and attend with
     paged_attention, against the engine's torch backend doing both."""
-    from engine.attention import AttentionMetadata
-    from engine.attention.torch_backend import TorchAttentionBackend
+    from pagedserve.engine.attention import AttentionMetadata
+    from pagedserve.engine.attention.torch_backend import TorchAttentionBackend
 
     block_size, head_dim, group = 16, 64, 2
     num_heads = NUM_KV_HEADS * group

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams
+from pagedserve.engine import LLM, SamplingParams
 from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,7 +49,7 @@ def test_padded_decode_through_graph_buffers_matches_eager(tmp_path):
     """Decode batches padded up to the captured sizes (padding rows: empty context, slot
     -1) through the static buffers give the eager engine's tokens; with max_model_len
     deciding the split count, small decode batches take the split-KV kernels."""
-    from engine.cuda_graph import CudaGraphRunner, capture_sizes
+    from pagedserve.engine.cuda_graph import CudaGraphRunner, capture_sizes
 
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     path = build_tiny_model(tmp_path / "llama", "llama", num_hidden_layers=1,

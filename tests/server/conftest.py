@@ -97,9 +97,9 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def make_async_engine(model_dir, **engine_overrides):
-    from engine.async_engine import AsyncEngine
-    from engine.config import EngineConfig
-    from engine.loader.resolve import resolve_model
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.engine.config import EngineConfig
+    from pagedserve.engine.loader.resolve import resolve_model
 
     config = EngineConfig(model=str(model_dir), tokenizer=str(resolve_model(None)),
                           max_num_seqs=16, max_num_batched_tokens=256,
@@ -109,7 +109,7 @@ def make_async_engine(model_dir, **engine_overrides):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    from server.app import build_app
+    from pagedserve.server.app import build_app
 
     async_engine = make_async_engine(tiny_model_dir)
     app = build_app(async_engine, [MODEL_NAME, ALIAS])
@@ -120,15 +120,15 @@ def server(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def embedding_engine():
-    from engine.embedding import EmbeddingEngine
+    from pagedserve.engine.embedding import EmbeddingEngine
 
     return EmbeddingEngine()  # the embedded all-MiniLM-L6-v2, loaded once (~2 s)
 
 
 @pytest.fixture(scope="module")
 def server_with_embeddings(tiny_model_dir, embedding_engine):
-    from engine.embedding import AsyncEmbeddingEngine
-    from server.app import build_app
+    from pagedserve.engine.embedding import AsyncEmbeddingEngine
+    from pagedserve.server.app import build_app
 
     async_engine = make_async_engine(tiny_model_dir)
     app = build_app(async_engine, [MODEL_NAME, ALIAS],
@@ -143,7 +143,7 @@ def server_with_embeddings(tiny_model_dir, embedding_engine):
 def long_server(tmp_path_factory):
     """The tiny model with a 1024-token context, shared by the structured-output and tool
     tests (guided decoding makes even its random output well-formed)."""
-    from server.app import build_app
+    from pagedserve.server.app import build_app
 
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-long"), "llama",
                                  vocab_size=49152, max_position_embeddings=LONG_MAX_MODEL_LEN)
@@ -167,9 +167,9 @@ def long_http(long_server):
 @pytest.fixture(scope="session")
 def real_server():
     """The embedded SmolLM2-135M-Instruct, for tests where the output must make sense."""
-    from engine.async_engine import AsyncEngine
-    from engine.config import EngineConfig
-    from server.app import build_app
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.engine.config import EngineConfig
+    from pagedserve.server.app import build_app
 
     async_engine = AsyncEngine(EngineConfig(kv_cache_memory=256 << 20))
     running = start_server(build_app(async_engine, [REAL_MODEL_NAME]), async_engine)

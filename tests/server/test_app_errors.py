@@ -8,9 +8,13 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
-from engine.tokenization import AsyncTokenizer
-from server.app import build_app
+from pagedserve.engine.async_engine import (
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+)
+from pagedserve.engine.tokenization import AsyncTokenizer
+from pagedserve.server.app import build_app
 from tests.server.conftest import MODEL_NAME
 
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

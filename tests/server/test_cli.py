@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from server.cli import build_parser, read_chat_template
+from pagedserve.server.cli import build_parser, read_chat_template
 from tests.server.conftest import MODEL_NAME
 
 
@@ -30,7 +30,7 @@ def test_chat_template_override(server, tmp_path):
     assert read_chat_template(str(path)) == template == read_chat_template(template)
     with pytest.raises(SystemExit):
         read_chat_template("no/such/file.jinja")
-    from server.app import build_app
+    from pagedserve.server.app import build_app
 
     client = TestClient(build_app(server.async_engine, [MODEL_NAME], chat_template=template))
     ids = client.post("/tokenize", json={"messages": [

@@ -121,6 +121,6 @@ def test_no_embedding_model_is_a_clear_404(server_with_embeddings):
 
 
 def build_app_without_embeddings(running):
-    from server.app import build_app
+    from pagedserve.server.app import build_app
 
     return build_app(running.async_engine, [MODEL_NAME])

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_serve_starts_and_stops_on_sigterm():
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+        [sys.executable, "-m", "pagedserve.server.cli", "serve", "--port", str(port),
          "--no-embedding-model", "--kv-cache-memory", str(128 << 20), "--shutdown-timeout", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -16,7 +16,7 @@ NUM_TOKENS = 2000
 @pytest.fixture(scope="module")
 def recording_server(tmp_path_factory):
     """A server whose serving layer records the size of every engine output it handles."""
-    from server.app import build_app
+    from pagedserve.server.app import build_app
 
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-2k"), "llama",
                                  vocab_size=49152, max_position_embeddings=2304)

@@ -8,10 +8,10 @@ import json
 import jsonschema
 import pytest
 
-from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ChatMessage
-from server.tool_parsers import GuidedToolCallStream, HermesToolParser, get_tool_parser
-from server.tools import (
+from pagedserve.server.errors import APIError
+from pagedserve.server.protocol import ChatCompletionRequest, ChatMessage
+from pagedserve.server.tool_parsers import GuidedToolCallStream, HermesToolParser, get_tool_parser
+from pagedserve.server.tools import (
     DEFAULT_TOOL_PROMPT,
     ToolPlan,
     conversation,
@@ -105,7 +105,7 @@ def test_hermes_without_parallel_calls_keeps_the_first():
 def _token_pieces(text: str) -> list[str]:
     from transformers import AutoTokenizer
 
-    from engine.loader.resolve import resolve_model
+    from pagedserve.engine.loader.resolve import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
     ids = tokenizer(text, add_special_tokens=False).input_ids

@@ -173,7 +173,7 @@ TOOL_TEMPLATE = (
 
 
 def test_a_template_that_knows_tools_renders_them_itself(long_server):
-    from server.app import build_app
+    from pagedserve.server.app import build_app
 
     app = build_app(long_server.async_engine, [MODEL_NAME], chat_template=TOOL_TEMPLATE)
     client = TestClient(app)  # no `with`: the lifespan would shut the shared engine down
