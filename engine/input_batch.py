@@ -22,7 +22,6 @@ class CachedRequestState:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     generator: torch.Generator | None
-    block_ids: list[int]
     output_token_ids: list[int]  # filled when its row is given up (preemption)
     num_prompt_logprobs_done: int = 0  # prompt positions whose logprobs were computed
 
@@ -87,13 +86,11 @@ class InputBatch:
         self.output_counts: torch.Tensor | None = None  # [max_num_reqs, V] float32
         self.prompt_mask: torch.Tensor | None = None  # [max_num_reqs, V] bool
 
-    @property
-    def num_reqs(self) -> int:
-        return len(self.req_ids)
-
     # ---- rows -----------------------------------------------------------------------
-    def add(self, state: CachedRequestState, num_computed_tokens: int) -> None:
-        """Give the request a row (the first hole, else a new one at the end)."""
+    def add(self, state: CachedRequestState, num_computed_tokens: int,
+            block_ids: list[int]) -> None:
+        """Give the request a row (the first hole, else a new one at the end) with its
+        block table so far."""
         try:
             row = self.req_ids.index(None)
         except ValueError:
@@ -112,7 +109,7 @@ class InputBatch:
         self.num_prompt_tokens[row] = len(prompt)
         self.num_computed_tokens[row] = num_computed_tokens
         self.num_blocks[row] = 0
-        self.append_blocks(row, state.block_ids)
+        self.append_blocks(row, block_ids)
 
         p, s = state.sampling_params, self.sampling
         s.temperature[row], s.top_k[row], s.top_p[row], s.min_p[row] = (

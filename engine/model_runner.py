@@ -242,19 +242,16 @@ class ModelRunner:
                 generator = torch.Generator(self.device)
                 generator.manual_seed(params.seed)
             state = CachedRequestState(new.request_id, new.prompt_token_ids, params,
-                                       generator, list(new.block_ids), [])
+                                       generator, [])
             self.requests[new.request_id] = state
-            batch.add(state, new.num_computed_tokens)
+            batch.add(state, new.num_computed_tokens, new.block_ids)
         cached = so.scheduled_cached_reqs
         for request_id, resumed, new_block_ids, num_computed in zip(
                 cached.request_ids, cached.resumed_from_preemption, cached.new_block_ids,
                 cached.num_computed_tokens):
-            state = self.requests[request_id]
             if resumed:
-                state.block_ids = list(new_block_ids)
-                batch.add(state, num_computed)
+                batch.add(self.requests[request_id], num_computed, new_block_ids)
                 continue
-            state.block_ids.extend(new_block_ids)
             row = batch.req_id_to_index[request_id]
             batch.num_computed_tokens[row] = num_computed
             if new_block_ids:

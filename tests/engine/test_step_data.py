@@ -106,8 +106,11 @@ def _batch(max_reqs=8, vocab=50) -> InputBatch:
 
 def _state(request_id: str, rng: random.Random, **params) -> CachedRequestState:
     prompt = [rng.randrange(50) for _ in range(rng.randrange(1, 20))]
-    blocks = [rng.randrange(1000) for _ in range(-(-len(prompt) // 4))]
-    return CachedRequestState(request_id, prompt, SamplingParams(**params), None, blocks, [])
+    return CachedRequestState(request_id, prompt, SamplingParams(**params), None, [])
+
+
+def _blocks(state: CachedRequestState, rng: random.Random) -> list[int]:
+    return [rng.randrange(1000) for _ in range(-(-len(state.prompt_token_ids) // 4))]
 
 
 def test_input_batch_rows_follow_adds_removes_and_condense():
@@ -122,9 +125,9 @@ def test_input_batch_rows_follow_adds_removes_and_condense():
             request_id = f"q{step}"
             temperature = rng.choice([0.0, 0.5, 1.0])
             state = _state(request_id, rng, temperature=temperature)
-            batch.add(state, 0)
-            model[request_id] = (list(state.prompt_token_ids), list(state.block_ids),
-                                 temperature)
+            blocks = _blocks(state, rng)
+            batch.add(state, 0, blocks)
+            model[request_id] = (list(state.prompt_token_ids), blocks, temperature)
         if rng.random() < 0.5:
             batch.condense()
             assert None not in batch.req_ids
@@ -142,8 +145,8 @@ def test_penalty_counts_follow_their_row_through_condense():
     batch = _batch()
     a = _state("a", rng)
     b = _state("b", rng, frequency_penalty=1.0)
-    batch.add(a, 0)
-    batch.add(b, 0)
+    batch.add(a, 0, _blocks(a, rng))
+    batch.add(b, 0, _blocks(b, rng))
     rows = np.array([0, 1])
     sampling = batch.sampling_rows(rows)
     positions, counts, _ = batch.penalty_tensors(rows, sampling)
