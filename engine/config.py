@@ -28,6 +28,10 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # CPU KV cache budget in bytes; default 2 GiB
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
+    # Schedule and launch step N+1 before processing step N's outputs (vLLM's
+    # --async-scheduling). None: on for GPUs; off for CPUs, where it has not paid (see
+    # benchmarks/results/async_scheduling_cpu.md).
+    async_scheduling: bool | None = None
     attention_backend: str | None = None  # "torch" or "triton"; None: triton on GPU, torch on CPU
 
     def __post_init__(self) -> None:

@@ -290,11 +290,45 @@ class InputBatch:
         index = torch.from_numpy(rows[positions]).to(self.device, non_blocking=True)
         return positions, self.output_counts[index], self.prompt_mask[index]
 
-    def append_sampled(self, rows: np.ndarray, token_ids: list[int]) -> None:
-        """Record each row's sampled token: it is the row's input next step."""
+    def reserve_sampled(self, rows: np.ndarray) -> np.ndarray:
+        """Make room for each row's token being sampled; returns where each goes."""
         ends = self.num_tokens[rows]
-        self.token_ids[rows, ends] = token_ids
         self.num_tokens[rows] = ends + 1
+        return ends
+
+    def record_sampled(self, req_ids: list[str], positions: np.ndarray, token_ids: list[int],
+                       states: dict[str, CachedRequestState]) -> None:
+        """Write sampled tokens where reserve_sampled put them: into the request's row, or
+        into its state if it was preempted since (finished ones are dropped)."""
+        index = self.req_id_to_index
+        rows = np.fromiter((index.get(r, -1) for r in req_ids), dtype=np.int64,
+                           count=len(req_ids))
+        here = rows >= 0
+        tokens = np.asarray(token_ids, dtype=np.int32)
+        self.token_ids[rows[here], positions[here]] = tokens[here]
+        for i in np.flatnonzero(~here):
+            state = states.get(req_ids[i])
+            if state is not None:
+                state.output_token_ids[positions[i] - len(state.prompt_token_ids)] = token_ids[i]
+
+    def in_flight_inputs(self, step: StepInputs, req_ids: list[str],
+                         positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of the tokens still being sampled for `req_ids` at `positions`, those this step
+        takes as inputs: (their flat indices in the step, their indices in req_ids)."""
+        index = self.req_id_to_index
+        rows = np.fromiter((index.get(r, -1) for r in req_ids), dtype=np.int64,
+                           count=len(req_ids))
+        step_index = np.full(self.max_num_reqs + 1, -1)  # row -> its place in the step
+        step_index[step.rows] = np.arange(len(step.rows))
+        i = step_index[rows]  # a request with no row (-1) reads the last entry: -1
+        scheduled = np.flatnonzero(i >= 0)
+        i = i[scheduled]
+        query_lens = step.query_lens[i]
+        computed = step.seq_lens[i] - query_lens
+        pos = positions[scheduled]
+        inside = (pos >= computed) & (pos < computed + query_lens)
+        dst = step.query_start_loc[i] + pos - computed
+        return dst[inside].astype(np.int64), scheduled[inside]
 
     def count_sampled(self, rows: np.ndarray, positions: np.ndarray,
                       sampled: torch.Tensor) -> None:

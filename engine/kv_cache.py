@@ -204,9 +204,15 @@ class KVCacheManager:
         (and past `new_computed_blocks`, prefix hits found at admission). Returns the newly
         allocated blocks, or None, changing nothing, when the pool cannot supply them."""
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
-        num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
-        num_new_blocks = num_needed - len(blocks) - len(new_computed_blocks)
+        bs = self.block_size
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * bs
+        num_tokens = num_computed + num_new_tokens
+        num_new_blocks = -(-num_tokens // bs) - len(blocks) - len(new_computed_blocks)
+        if num_new_blocks <= 0 and not new_computed_blocks:
+            # Most decode steps: the blocks held have room.
+            if self.enable_caching:
+                self._cache_full_blocks(request, blocks, num_tokens)
+            return []
         # Hits on free blocks take them off the free queue, so they are not spare capacity.
         num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks > self.block_pool.num_free_blocks - num_evictable_hits:
@@ -219,15 +225,17 @@ class KVCacheManager:
         new_blocks = self.block_pool.get_new_blocks(max(num_new_blocks, 0))
         blocks.extend(new_blocks)
         if self.enable_caching:
-            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+            self._cache_full_blocks(request, blocks, num_tokens)
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock],
                            num_tokens: int) -> None:
         # Safe to publish before the step runs: each attention layer writes every new
         # token's KV before any query of the batch reads the cache.
-        hashes = self._block_hashes(request)
         start = self.req_to_num_cached_blocks.get(request.request_id, 0)
+        if num_tokens // self.block_size <= start:
+            return  # no block filled since the last call
+        hashes = self._block_hashes(request)
         end = min(num_tokens // self.block_size, len(hashes))
         for i in range(start, end):
             self.block_pool.cache_block(blocks[i], hashes[i])

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,11 +15,11 @@ import torch
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.kv_cache import KVCacheManager
-from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
+from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput, StepHandle
 from pagedserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.engine.request import FINISH_REASONS, Request, RequestStatus
 from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
-from pagedserve.engine.scheduler import Scheduler
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,14 @@ class _UserRequest:
     def __post_init__(self) -> None:
         self.num_sent_tokens = [0] * len(self.children)
         self.finish_sent = [False] * len(self.children)
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step launched and not yet processed."""
+
+    scheduled: SchedulerOutput
+    handle: StepHandle | Future  # a Future when the runner has its own thread
 
 
 @dataclass(slots=True)
@@ -135,10 +144,22 @@ class LLMEngine:
                                    self._token_budget(), self.max_model_len)
         self._requests: dict[str, Request] = {}  # sequence id -> sequence
         self._parents: dict[str, _UserRequest] = {}  # user request id -> its sequences
-        self._parent_of: dict[str, str] = {}
+        self._parent_of: dict[str, _UserRequest] = {}
         self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
         # Built on the first guided request, so unguided use never loads xgrammar.
         self.structured_output: StructuredOutputManager | None = None
+        self._num_guided = 0  # sequences with a live grammar matcher
+
+        # Async scheduling: step N+1 is scheduled and launched before step N's outputs are
+        # processed. On a GPU the launch returns at once; on a CPU the runner works on its
+        # own thread, so that the forward releases the GIL to output processing.
+        device = self.model_runner.device
+        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self._runner_thread = (ThreadPoolExecutor(1, thread_name_prefix="pagedserve-runner")
+                               if self.async_scheduling and device.type == "cpu" else None)
+        self._in_flight: _Launched | None = None
+        self._deferred_outputs: list[RequestOutput] = []  # of a step finished between steps
         logger.info("Engine ready in %.1fs: %s on %s (%s), max_model_len=%d",
                     time.perf_counter() - start, model_dir, self.model_runner.device,
                     self.model_runner.dtype, self.max_model_len)
@@ -193,23 +214,33 @@ class LLMEngine:
         grammar = None
         if params.guided_decoding is not None:
             grammar = self._get_structured_output().compile(params.guided_decoding)
+        child_ids = ([request_id] if params.n == 1
+                     else [f"{request_id}#{i}" for i in range(params.n)])
+        in_flight = self._in_flight
+        if in_flight is not None and any(
+                c in in_flight.scheduled.num_scheduled_tokens for c in child_ids):
+            # A finished request's id, reused while a step still samples for the old one:
+            # finish that step first, so that its tokens cannot reach the new request.
+            self._in_flight = None
+            self._deferred_outputs += self._finish_step(in_flight)
         children = []
-        for i in range(params.n):
+        for i, child_id in enumerate(child_ids):
             child_params = replace(params, all_stop_token_ids=stop_ids)
             if params.seed is not None:
                 child_params.seed = params.seed + i
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             child = Request(child_id, token_ids, child_params, max_tokens, arrival_time)
             if child_params.detokenize and self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
             if grammar is not None:
                 child.grammar = self.structured_output.new_matcher(grammar, stop_ids)
             children.append(child)
-        self._parents[request_id] = _UserRequest(request_id, text, token_ids, children,
-                                                 params.output_kind)
+        parent = _UserRequest(request_id, text, token_ids, children, params.output_kind)
+        self._parents[request_id] = parent
+        if grammar is not None:
+            self._num_guided += len(children)
         for child in children:
             self._requests[child.request_id] = child
-            self._parent_of[child.request_id] = request_id
+            self._parent_of[child.request_id] = parent
             self.scheduler.add_request(child)
 
     def _get_structured_output(self) -> StructuredOutputManager:
@@ -245,7 +276,7 @@ class LLMEngine:
             if parent is None:
                 continue
             self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ABORTED)
-            outputs.append(self._make_output(parent))
+            outputs.append(self._make_output(parent, finished=True))
             self._forget(parent)
         outputs = [o for o in outputs if o is not None]
         return outputs
@@ -258,25 +289,60 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step; return the outputs that became ready.
+
+        Without async scheduling that is this step's outputs. With it, the step runs while
+        the previous step's outputs are processed, and those are returned: the host's work
+        hides behind the device's, for one step computed in vain by a request that stops.
+        Guided requests turn it off while they run (their masks need the latest token)."""
+        outputs, self._deferred_outputs = self._deferred_outputs, []
+        in_flight, self._in_flight = self._in_flight, None
+        overlap = self.async_scheduling and not self._num_guided
+        if in_flight is not None and not overlap:
+            outputs += self._finish_step(in_flight)
+            in_flight = None
         so = self.scheduler.schedule()
-        if so.is_empty:
-            if so.finished_request_ids:
-                self.model_runner.execute(so)  # nothing to run; the runner frees their rows
-            return []
-        grammar_bitmask = self._grammar_bitmask if self.structured_output is not None else None
-        result = self.model_runner.execute(so, grammar_bitmask)
-        self.scheduler.update_after_step(so)
-        touched = self._process_outputs(result)
+        launched = None
+        if not so.is_empty:
+            launched = self._launch(so)
+        elif so.finished_request_ids:
+            self._finish_step(self._launch(so))  # nothing to run; the runner frees their rows
+        if in_flight is not None:
+            outputs += self._finish_step(in_flight)
+        if launched is not None:
+            if overlap and self._parents:
+                self._in_flight = launched
+            else:
+                outputs += self._finish_step(launched)
+        return outputs
+
+    def _launch(self, so: SchedulerOutput) -> _Launched:
+        bitmask = self._grammar_bitmask if self._num_guided else None
+        runner = self.model_runner
+        if self._runner_thread is not None:
+            return _Launched(so, self._runner_thread.submit(runner.execute_model, so, bitmask))
+        return _Launched(so, runner.execute_model(so, bitmask))
+
+    def _finish_step(self, launched: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step and process its results into outputs."""
+        handle = launched.handle
+        if isinstance(handle, Future):
+            handle = handle.result()
+        result = self.model_runner.collect(handle)
         outputs = []
-        for parent_id in touched:
-            parent = self._parents[parent_id]
-            if any(c.error for c in parent.children):
-                # A failed sequence fails its whole user request (its siblings too).
-                self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ABORTED)
-            output = self._make_output(parent)
+        for parent in self._process_outputs(result):
+            children = parent.children
+            if len(children) == 1:
+                finished = children[0].is_finished  # a failed one too
+            else:
+                if any(c.error for c in children):
+                    # A failed sequence fails its whole user request (its siblings too).
+                    self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+                finished = all(c.is_finished for c in children)
+            output = self._make_output(parent, finished)
             if output is not None:
                 outputs.append(output)
-            if all(c.is_finished for c in parent.children):
+            if finished:
                 self._forget(parent)
         return outputs
 
@@ -284,10 +350,15 @@ class LLMEngine:
         return self.structured_output.fill_bitmask(
             [self._requests[i].grammar for i in request_ids])
 
-    def _process_outputs(self, result: ModelRunnerOutput) -> dict[str, None]:
-        touched: dict[str, None] = {}  # ordered set of user request ids
+    def _process_outputs(self, result: ModelRunnerOutput) -> Iterable[_UserRequest]:
+        """Append the sampled tokens and check for stops; returns the user requests touched.
+        Results for sequences that stopped meanwhile (async scheduling) are dropped."""
+        requests = self._requests
+        touched: dict[str, _UserRequest] = {}  # by user request id, in batch order
         for req_id, chunk in result.prompt_logprobs.items():
-            req = self._requests[req_id]
+            req = requests.get(req_id)
+            if req is None or req.is_finished:
+                continue
             for j, lp in enumerate(chunk.token_logprobs):
                 index = chunk.first_index + j
                 if index < len(req.prompt_logprobs):
@@ -299,9 +370,13 @@ class LLMEngine:
                     entry.setdefault(tid, Logprob(tlp, rank, self._token_text(req, tid)))
                 req.prompt_logprobs.append(entry)
         finished: list[tuple[Request, RequestStatus]] = []
+        parent_of = self._parent_of
         for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
-            req = self._requests[req_id]
-            touched[self._parent_of[req_id]] = None
+            req = requests.get(req_id)
+            if req is None or req.is_finished:
+                continue
+            parent = parent_of[req_id]
+            touched[parent.request_id] = parent
             try:
                 req.append_token(token_id)
                 if req.grammar is not None and not req.grammar.accept_token(token_id):
@@ -317,8 +392,13 @@ class LLMEngine:
                 finished.append((req, status))
         for req, status in finished:
             self.scheduler.finish_requests([req], status)
+            self._drop_grammar(req)
+        return touched.values()
+
+    def _drop_grammar(self, req: Request) -> None:
+        if req.grammar is not None:
             req.grammar = None
-        return touched
+            self._num_guided -= 1
 
     def _record_logprobs(self, req: Request, token_id: int, i: int,
                          result: ModelRunnerOutput) -> None:
@@ -365,10 +445,9 @@ class LLMEngine:
             status = RequestStatus.FINISHED_LENGTH
         return status
 
-    def _make_output(self, parent: _UserRequest) -> RequestOutput | None:
+    def _make_output(self, parent: _UserRequest, finished: bool) -> RequestOutput | None:
         """The parent's output after a step, as its output kind asks: everything so far,
         only what is new (None when nothing is), or the whole output once finished."""
-        finished = all(c.is_finished for c in parent.children)
         kind = parent.output_kind
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
@@ -445,7 +524,7 @@ class LLMEngine:
     def _forget(self, parent: _UserRequest) -> None:
         del self._parents[parent.request_id]
         for child in parent.children:
-            child.grammar = None  # aborted ones too
+            self._drop_grammar(child)  # aborted ones too
             self._requests.pop(child.request_id, None)
             self._parent_of.pop(child.request_id, None)
 

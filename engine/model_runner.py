@@ -51,6 +51,39 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)
 
 
+class _HostCopy:
+    """Device tensors on their way to the host. The copies are queued at launch, behind the
+    step's kernels (into pinned memory on CUDA), so reading them waits for that step only,
+    not for one launched after it."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self._event = None
+        if tensors and tensors[0].is_cuda:
+            tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+                t, non_blocking=True) for t in tensors]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._tensors = tensors
+
+    def lists(self) -> list[list]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [t.tolist() for t in self._tensors]
+
+
+@dataclass(slots=True)
+class StepHandle:
+    """A launched step. Until collect() reads its sampled tokens they exist only on the
+    device, and the runner feeds them to the next step from there."""
+
+    req_ids: list[str] = field(default_factory=list)  # requests that sample, batch order
+    positions: np.ndarray | None = None  # where each one's sampled token goes in its tokens
+    sampled: torch.Tensor | None = None  # [B] int64, on the device
+    results: _HostCopy | None = None  # sampled ids, then logprobs, top-k ids and logprobs
+    prompt_logprobs: list[tuple[str, int, _HostCopy]] = field(default_factory=list)
+    output: ModelRunnerOutput | None = None  # set by collect()
+
+
 def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
     device = config.device
     if device == "auto":
@@ -97,6 +130,8 @@ class ModelRunner:
         self.model = self._load_model(get_model_class(hf_config), model_dir)
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}  # every unfinished one it has seen
+        # Launched steps whose sampled tokens are not yet in the input batch's rows.
+        self._unrecorded: list[StepHandle] = []
         self.input_batch: InputBatch | None = None  # sized by allocate_kv_cache
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -282,19 +317,30 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
 
-    @torch.inference_mode()
     def execute(self, so: SchedulerOutput,
                 grammar_bitmask: Callable[[list[str]], GrammarBitmask | None] | None = None,
                 ) -> ModelRunnerOutput:
-        """Run the step `so` describes. `grammar_bitmask(request_ids)` gives the guided rows'
-        masks for the requests that sample, in batch order (None: no guided request)."""
+        """Run the step `so` describes and wait for its results."""
+        return self.collect(self.execute_model(so, grammar_bitmask))
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput,
+                      grammar_bitmask: Callable[[list[str]], GrammarBitmask | None] | None = None,
+                      ) -> StepHandle:
+        """Launch the step `so` describes without waiting for the device: its sampled tokens
+        stay there until collect(). The step before may be uncollected still (async
+        scheduling): its tokens are then taken as inputs from the device.
+        `grammar_bitmask(request_ids)` gives the guided rows' masks for the requests that
+        sample, in batch order (None: no guided request)."""
+        self._record_collected()
         self._update_states(so)
-        out = ModelRunnerOutput()
+        handle = StepHandle()
         if so.is_empty:
-            return out
+            return handle
         batch = self.input_batch
         step = batch.prepare(so.num_scheduled_tokens)
         input_ids, positions = self._to_device(step.input_ids), self._to_device(step.positions)
+        self._feed_in_flight(step, input_ids)
         md = self._attention_metadata(step)
         graphs = self.cuda_graphs
         if graphs is not None and md.max_query_len == 1 and md.num_tokens <= graphs.max_batch_size:
@@ -307,10 +353,10 @@ class ModelRunner:
         bitmask = (grammar_bitmask(step.sample_request_ids)
                    if grammar_bitmask is not None and step.sample_request_ids else None)
         for state, offset, start, count in step.prompt_logprobs:
-            out.prompt_logprobs[state.request_id] = self._prompt_logprobs(
-                hidden[offset:offset + count], state, start, count)
+            handle.prompt_logprobs.append((state.request_id, start + 1, self._prompt_logprobs(
+                hidden[offset:offset + count], state, start, count)))
         if not step.sample_request_ids:
-            return out
+            return handle
         logits = self.model.compute_logits(hidden[self._to_device(step.logits_indices)])
         if bitmask is not None:
             # Before the sampler: masked tokens get probability 0, in the returned logprobs too.
@@ -321,22 +367,56 @@ class ModelRunner:
                                               counts, prompt_mask)
         result = self.sampler(logits, metadata)
         batch.count_sampled(step.sample_rows, penalised, result.sampled_token_ids)
-        # The one device-to-host sync of the step.
-        out.req_ids = step.sample_request_ids
-        out.sampled_token_ids = result.sampled_token_ids.tolist()
+        handle.req_ids = step.sample_request_ids
+        handle.positions = batch.reserve_sampled(step.sample_rows)
+        handle.sampled = result.sampled_token_ids
+        tensors = [result.sampled_token_ids]
         if result.logprobs is not None:
-            out.sampled_logprobs = result.logprobs.tolist()
-            out.topk_token_ids = result.topk_token_ids.tolist()
-            out.topk_logprobs = result.topk_logprobs.tolist()
-        batch.append_sampled(step.sample_rows, out.sampled_token_ids)
+            tensors += [result.logprobs, result.topk_token_ids, result.topk_logprobs]
+        handle.results = _HostCopy(tensors)
+        self._unrecorded.append(handle)
+        return handle
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        """The step's results on the host: the one device-to-host wait of a step."""
+        if handle.output is not None:
+            return handle.output
+        out = ModelRunnerOutput(req_ids=handle.req_ids)
+        for request_id, first_index, chunk in handle.prompt_logprobs:
+            out.prompt_logprobs[request_id] = PromptLogprobsChunk(first_index, *chunk.lists())
+        if handle.results is not None:
+            results = handle.results.lists()
+            out.sampled_token_ids = results[0]
+            if len(results) > 1:
+                out.sampled_logprobs, out.topk_token_ids, out.topk_logprobs = results[1:]
+        handle.output = out  # last: another thread may be reading it (see _record_collected)
         return out
 
+    def _record_collected(self) -> None:
+        """Write the sampled tokens of collected steps into the input batch's rows (or into
+        the state of a request preempted since). Done here, on the thread that owns the
+        batch, not in collect()."""
+        pending = []
+        for handle in self._unrecorded:
+            if handle.output is None:
+                pending.append(handle)
+            else:
+                self.input_batch.record_sampled(handle.req_ids, handle.positions,
+                                                handle.output.sampled_token_ids, self.requests)
+        self._unrecorded = pending
+
+    def _feed_in_flight(self, step: StepInputs, input_ids: torch.Tensor) -> None:
+        """Input tokens still being sampled by an uncollected step: copy them in on the
+        device, where the step that samples them leaves them."""
+        for handle in self._unrecorded:
+            dst, src = self.input_batch.in_flight_inputs(step, handle.req_ids, handle.positions)
+            if len(dst):
+                input_ids[self._to_device(dst)] = handle.sampled[self._to_device(src)]
+
     def _prompt_logprobs(self, hidden, state: CachedRequestState, start: int,
-                         count: int) -> PromptLogprobsChunk:
+                         count: int) -> _HostCopy:
         logits = self.model.compute_logits(hidden)
         targets = torch.tensor(state.prompt_token_ids[start + 1:start + 1 + count],
                                device=self.device)
-        token_lp, topk_ids, topk_lp = compute_prompt_logprobs(
-            logits, targets, state.sampling_params.prompt_logprobs)
-        return PromptLogprobsChunk(start + 1, token_lp.tolist(), topk_ids.tolist(),
-                                   topk_lp.tolist())
+        return _HostCopy(list(compute_prompt_logprobs(
+            logits, targets, state.sampling_params.prompt_logprobs)))

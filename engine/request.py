@@ -45,7 +45,7 @@ class Request:
         "request_id", "prompt_token_ids", "sampling_params", "arrival_time", "max_tokens",
         "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status", "detokenizer",
         "logprobs", "cumulative_logprob", "prompt_logprobs", "stop_reason", "num_preemptions",
-        "error", "grammar",
+        "error", "grammar", "num_output_placeholders",
     )
 
     def __init__(
@@ -62,7 +62,10 @@ class Request:
         self.max_tokens = max_tokens  # resolved against max_model_len by the engine
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.all_token_ids = list(prompt_token_ids)
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # advanced when scheduled, for the step being computed
+        # Tokens being sampled by scheduled steps whose output has not been appended yet: one
+        # between schedule and output, two while async scheduling runs a step ahead.
+        self.num_output_placeholders = 0
         self.num_cached_tokens = 0  # prefix-cache hits at (latest) admission
         self.status = RequestStatus.WAITING
         self.detokenizer: IncrementalDetokenizer | None = None
@@ -101,7 +104,9 @@ class Request:
         return self.status.finished
 
     def append_token(self, token_id: int) -> None:
+        """A sampled token arrived: it takes the place of the oldest placeholder."""
         self.all_token_ids.append(token_id)
+        self.num_output_placeholders -= 1
 
     def __repr__(self) -> str:
         return (

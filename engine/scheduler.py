@@ -94,23 +94,28 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        kvm, cached = self.kv_cache_manager, out.scheduled_cached_reqs
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
+            placeholders = request.num_output_placeholders
+            if placeholders and request.num_output_tokens + placeholders >= request.max_tokens:
+                i += 1  # its last token is already being sampled (async scheduling)
+                continue
+            num_new = min(request.num_tokens + placeholders - request.num_computed_tokens,
+                          budget)
+            while (new_blocks := kvm.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                cached = out.scheduled_cached_reqs
                 cached.request_ids.append(request.request_id)
                 cached.resumed_from_preemption.append(False)
                 cached.new_block_ids.append([b.block_id for b in new_blocks])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
-                out.num_scheduled_tokens[request.request_id] = num_new
+                self._scheduled(out, request, num_new)
                 budget -= num_new
                 i += 1
         return budget
@@ -119,6 +124,8 @@ class Scheduler:
         kvm = self.kv_cache_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break  # preempted while a step sampled for it: wait for that token
             hits, num_cached = kvm.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
             if kvm.allocate_slots(request, num_new, hits) is None:
@@ -140,8 +147,17 @@ class Scheduler:
                 out.scheduled_new_reqs.append(NewRequestData(
                     request.request_id, request.prompt_token_ids, request.sampling_params,
                     block_ids, num_cached))
-            out.num_scheduled_tokens[request.request_id] = num_new
+            self._scheduled(out, request, num_new)
             budget -= num_new
+
+    @staticmethod
+    def _scheduled(out: SchedulerOutput, request: Request, num_new: int) -> None:
+        """Count the step's tokens as computed now, so the next step can be scheduled before
+        this one's output is back; a step that reaches the end samples a placeholder."""
+        out.num_scheduled_tokens[request.request_id] = num_new
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            request.num_output_placeholders += 1
 
     def _preempt(self, request: Request) -> None:
         """Free everything and requeue at the front; it is recomputed (mostly from the
@@ -152,11 +168,6 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
-
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance progress of what was computed. Sampled tokens are appended by the engine."""
-        for request_id, num_new in out.num_scheduled_tokens.items():
-            self.requests[request_id].num_computed_tokens += num_new
 
     def finish_requests(self, requests: Iterable[Request], status: RequestStatus) -> None:
         """End requests (stopped, length or aborted) wherever they are and free their blocks."""

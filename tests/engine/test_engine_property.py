@@ -3,6 +3,7 @@ request ends exactly once, no block leaks, and greedy outputs equal HF's unbatch
 
 import itertools
 import random
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -24,9 +25,15 @@ ENGINE_KWARGS = dict(block_size=4, num_gpu_blocks_override=24, max_num_batched_t
                      max_num_seqs=4)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    return LLM(model=str(tiny_dir), skip_tokenizer_init=True, **ENGINE_KWARGS).llm_engine
+@pytest.fixture(scope="module", params=["sync", "async", "async-inline"])
+def engine(request, tiny_dir):
+    """Without async scheduling; with it (the runner on its own thread, as on CPUs); and
+    with it launching inline, as on GPUs, so that step N+1 takes N's tokens on the device."""
+    engine = LLM(model=str(tiny_dir), skip_tokenizer_init=True,
+                 async_scheduling=request.param != "sync", **ENGINE_KWARGS).llm_engine
+    if request.param == "async-inline":
+        engine._runner_thread = None
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +79,9 @@ def check_block_bookkeeping(engine) -> None:
     assert len(free_ids) == len(set(free_ids)) == pool.num_free_blocks
     assert set(free_ids) == {b.block_id for b in pool.blocks if b.ref_cnt == 0}
     # The runner's block tables (its persistent batch rows) follow the KV cache manager's,
-    # the one owner of block ids.
+    # the one owner of block ids: once the runner's thread has taken the last step.
+    if engine._in_flight is not None and isinstance(engine._in_flight.handle, Future):
+        engine._in_flight.handle.result()
     batch = engine.model_runner.input_batch
     for request in engine.scheduler.running:
         block_ids = kvm.get_block_ids(request.request_id)

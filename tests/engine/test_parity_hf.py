@@ -122,3 +122,21 @@ def test_n_children_share_prompt_blocks(tiny):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.kv_cache_manager.num_free_blocks == pool.num_blocks
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["runner-thread", "inline"])
+def test_async_scheduling(tiny, inline):
+    """Each step scheduled and launched before the previous one's tokens are known (on its
+    own thread, as on CPUs, or inline, as on GPUs, taking them on the device): the same
+    tokens and logprobs through chunked prefill and preemption."""
+    path, prompts, expected = tiny
+    llm = LLM(model=str(path), skip_tokenizer_init=True, async_scheduling=True, block_size=4,
+              num_gpu_blocks_override=24, max_num_batched_tokens=13)
+    engine = llm.llm_engine
+    if inline:
+        engine._runner_thread = None
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.block_pool.num_blocks
+    check(outs, expected)

@@ -28,7 +28,7 @@ def fake_token(request: Request) -> int:
 
 
 def step(sched: Scheduler) -> SchedulerOutput:
-    """What the engine does around the model: schedule, advance, sample, stop at max_tokens.
+    """What the engine does around the model: schedule, sample, stop at max_tokens.
     It also replays each output's diffs as the runner would and checks that the block tables
     they give are the KV cache manager's."""
     out = sched.schedule()
@@ -36,7 +36,6 @@ def step(sched: Scheduler) -> SchedulerOutput:
     assert len(out.num_scheduled_tokens) <= sched.max_num_seqs
     assert all(n > 0 for n in out.num_scheduled_tokens.values())
     check_diffs(sched, out)
-    sched.update_after_step(out)
     finished = []
     for request_id in out.num_scheduled_tokens:
         request = sched.requests[request_id]
