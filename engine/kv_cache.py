@@ -203,7 +203,9 @@ class KVCacheManager:
         """Give the request room for `num_new_tokens` more tokens past its computed ones
         (and past `new_computed_blocks`, prefix hits found at admission). Returns the newly
         allocated blocks, or None, changing nothing, when the pool cannot supply them."""
-        blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        blocks = self.req_to_blocks.get(request.request_id)
+        if blocks is None:
+            blocks = self.req_to_blocks[request.request_id] = []
         bs = self.block_size
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * bs
         num_tokens = num_computed + num_new_tokens

@@ -371,6 +371,7 @@ class LLMEngine:
                 req.prompt_logprobs.append(entry)
         finished: list[tuple[Request, RequestStatus]] = []
         parent_of = self._parent_of
+        with_logprobs = result.sampled_logprobs is not None
         for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             req = requests.get(req_id)
             if req is None or req.is_finished:
@@ -381,7 +382,7 @@ class LLMEngine:
                 req.append_token(token_id)
                 if req.grammar is not None and not req.grammar.accept_token(token_id):
                     raise RuntimeError(f"the grammar rejected sampled token {token_id}")
-                if result.sampled_logprobs is not None:
+                if with_logprobs:
                     self._record_logprobs(req, token_id, i, result)
                 status = self._check_stop(req, token_id)
             except Exception as exc:  # one request's failure must not take the batch down
@@ -448,33 +449,30 @@ class LLMEngine:
     def _make_output(self, parent: _UserRequest, finished: bool) -> RequestOutput | None:
         """The parent's output after a step, as its output kind asks: everything so far,
         only what is new (None when nothing is), or the whole output once finished."""
-        kind = parent.output_kind
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        delta = kind == RequestOutputKind.DELTA
-        completions = []
-        for index, req in enumerate(parent.children):
-            completion = (self._delta_completion(parent, index, req) if delta
-                          else self._cumulative_completion(index, req, kind))
-            if completion is not None:
-                completions.append(completion)
-        if delta and not completions:
-            return None
-        first = parent.children[0]
-        prompt_logprobs = first.prompt_logprobs
-        if delta:
-            prompt_logprobs = None if parent.prompt_logprobs_sent else prompt_logprobs
+        kind, children = parent.output_kind, parent.children
+        first = children[0]
+        if kind is RequestOutputKind.DELTA:
+            if len(children) == 1:
+                completion = self._delta_completion(parent, 0, first)
+                completions = [] if completion is None else [completion]
+            else:
+                completions = [c for i, req in enumerate(children)
+                               if (c := self._delta_completion(parent, i, req)) is not None]
+            if not completions:
+                return None
+            prompt_logprobs = None if parent.prompt_logprobs_sent else first.prompt_logprobs
             parent.prompt_logprobs_sent = True
-        return RequestOutput(
-            request_id=parent.request_id,
-            prompt=parent.prompt,
-            prompt_token_ids=parent.prompt_token_ids,
-            prompt_logprobs=prompt_logprobs,
-            outputs=completions,
-            finished=finished,
-            num_cached_tokens=first.num_cached_tokens,
-            error=next((c.error for c in parent.children if c.error), None),
-        )
+        elif kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        else:
+            completions = [self._cumulative_completion(i, req, kind)
+                           for i, req in enumerate(children)]
+            prompt_logprobs = first.prompt_logprobs
+        error = first.error if len(children) == 1 else next(
+            (c.error for c in children if c.error), None)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                             prompt_logprobs, completions, finished,
+                             num_cached_tokens=first.num_cached_tokens, error=error)
 
     def _cumulative_completion(self, index: int, req: Request,
                                kind: RequestOutputKind) -> CompletionOutput:
@@ -501,25 +499,22 @@ class LLMEngine:
         if parent.finish_sent[index]:
             return None
         finished = req.is_finished
-        sent, num_tokens = parent.num_sent_tokens[index], req.num_tokens
+        sent, num_tokens = parent.num_sent_tokens[index], len(req.all_token_ids)
         text = ""
         if req.detokenizer is not None and req.error is None:
             text = req.detokenizer.get_next_output_text(finished, delta=True)
-        start = req.num_prompt_tokens + sent
+        num_prompt = len(req.prompt_token_ids)
+        start = num_prompt + sent
         if not finished and not text and start == num_tokens:
             return None
-        parent.num_sent_tokens[index] = num_tokens - req.num_prompt_tokens
+        parent.num_sent_tokens[index] = num_tokens - num_prompt
         parent.finish_sent[index] = finished
+        logprobs = req.logprobs
         return CompletionOutput(
-            index=index,
-            text=text,
-            token_ids=req.all_token_ids[start:],
-            cumulative_logprob=(req.cumulative_logprob
-                                if req.sampling_params.logprobs is not None else None),
-            logprobs=None if req.logprobs is None else req.logprobs[sent:],
-            finish_reason=FINISH_REASONS.get(req.status),
-            stop_reason=req.stop_reason,
-        )
+            index, text, req.all_token_ids[start:],
+            None if logprobs is None else req.cumulative_logprob,
+            None if logprobs is None else logprobs[sent:],
+            FINISH_REASONS.get(req.status) if finished else None, req.stop_reason)
 
     def _forget(self, parent: _UserRequest) -> None:
         del self._parents[parent.request_id]

@@ -29,6 +29,8 @@ class RequestStatus(enum.IntEnum):
         return self >= RequestStatus.FINISHED_STOPPED
 
 
+_FIRST_FINISHED = int(RequestStatus.FINISHED_STOPPED)
+
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
@@ -101,7 +103,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status >= _FIRST_FINISHED  # a plain int compare: read per token
 
     def append_token(self, token_id: int) -> None:
         """A sampled token arrived: it takes the place of the oldest placeholder."""

@@ -150,8 +150,11 @@ class SamplingMetadata:
         truncated = np.flatnonzero(truncated_mask)
         whole = np.flatnonzero(~truncated_mask)
         # A generator on a greedy row is ignored: greedy draws no random numbers.
-        position = {int(r): j for j, r in enumerate(random)}
-        seeded = [(position[i], g) for i, g in sorted(rows.generators.items()) if i in position]
+        seeded = []
+        if rows.generators:
+            position = {int(r): j for j, r in enumerate(random)}
+            seeded = [(position[i], g) for i, g in sorted(rows.generators.items())
+                      if i in position]
 
         meta = cls(
             vocab_size=V,

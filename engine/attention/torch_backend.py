@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +79,20 @@ class _State:
     prefills: list[_Prefill]
 
 
+def _buckets(ctx_lens: list[int]) -> list[tuple[int, int]]:
+    """Split sorted decode context lengths into [start, end) runs, one padded SDPA call
+    each: a run grows until padding everyone in it up to the next, longer context would
+    cost more than another call."""
+    bounds, start = [], 0
+    for i in range(1, len(ctx_lens)):
+        if (i - start) * (ctx_lens[i] - ctx_lens[i - 1]) > _CALL_COST_IN_TOKENS:
+            bounds.append((start, i))
+            start = i
+    if ctx_lens:
+        bounds.append((start, len(ctx_lens)))
+    return bounds
+
+
 class TorchAttentionBackend:
     name = "torch"
 
@@ -86,37 +101,27 @@ class TorchAttentionBackend:
 
     def prepare(self, md: AttentionMetadata) -> None:
         """Precompute per-step index tensors and masks once, for all layers."""
-        qsl = md.query_start_loc_cpu
-        decode_seqs = [i for i, n in enumerate(md.query_lens_cpu) if n == 1]
-        decode_seqs.sort(key=lambda i: md.seq_lens_cpu[i])
-        buckets, current = [], []
-        for i in decode_seqs:
-            # Growing the bucket pads everyone in it up to the new, longer context; start a
-            # new bucket when that padding costs more than another call.
-            if current:
-                extra = len(current) * (md.seq_lens_cpu[i] - md.seq_lens_cpu[current[-1]])
-                if extra > _CALL_COST_IN_TOKENS:
-                    buckets.append(current)
-                    current = []
-            current.append(i)
-        if current:
-            buckets.append(current)
+        qsl = np.asarray(md.query_start_loc_cpu)
+        query_lens, seq_lens = np.asarray(md.query_lens_cpu), np.asarray(md.seq_lens_cpu)
+        decodes = np.flatnonzero(query_lens == 1)
+        decodes = decodes[np.argsort(seq_lens[decodes], kind="stable")]
+        ctx_lens = seq_lens[decodes]
         md.backend_state = _State(
-            decodes=[self._decode_bucket(md, seqs, qsl) for seqs in buckets],
-            prefills=[self._prefill(md, i, qsl) for i, n in enumerate(md.query_lens_cpu) if n > 1],
+            decodes=[self._decode_bucket(md, decodes[a:b], qsl, ctx_lens[a:b])
+                     for a, b in _buckets(ctx_lens.tolist())],
+            prefills=[self._prefill(md, i, md.query_start_loc_cpu)
+                      for i in np.flatnonzero(query_lens > 1).tolist()],
         )
 
-    def _decode_bucket(self, md: AttentionMetadata, seqs: list[int], qsl: list[int]):
+    def _decode_bucket(self, md: AttentionMetadata, seqs: np.ndarray, qsl: np.ndarray,
+                       ctx_lens: np.ndarray) -> _DecodeBucket:
         device = md.slot_mapping.device
-        ctx_lens = [md.seq_lens_cpu[i] for i in seqs]
-        max_ctx = max(ctx_lens)
-        block_size = md.block_size
-        num_blocks = -(-max_ctx // block_size)
-        seq_idx = torch.tensor(seqs, dtype=torch.long, device=device)
+        max_ctx = int(ctx_lens[-1])  # sorted
+        num_blocks = -(-max_ctx // md.block_size)
         return _DecodeBucket(
-            token_index=torch.tensor([qsl[i] for i in seqs], dtype=torch.long, device=device),
-            block_table=md.block_table[seq_idx, :num_blocks].long(),
-            q_pos=torch.tensor(ctx_lens, device=device) - 1,
+            token_index=torch.from_numpy(qsl[seqs].astype(np.int64)).to(device),
+            block_table=md.block_table[torch.from_numpy(seqs).to(device), :num_blocks].long(),
+            q_pos=torch.from_numpy(ctx_lens - 1).to(device=device, dtype=torch.long),
             max_ctx=max_ctx,
         )
 
