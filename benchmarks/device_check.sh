@@ -8,14 +8,15 @@
 #
 # Parts: env, pytest (the kernel test suite on CUDA), kernels (long-context kernel checks),
 # parity (greedy tokens = HF on CUDA), attention (decode bandwidth), fused (fused-op
-# microbenchmark), e2e_qwen3, e2e_llama (offline throughput against HF transformers).
+# microbenchmark), e2e_qwen3, e2e_llama (offline throughput against HF transformers, async
+# scheduling on), e2e_qwen3_sync (the same without async scheduling).
 # A failing part is recorded and the rest still run.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)  # per-part JSON files; $OUT gets only the four files above
-PARTS=${PARTS:-"env parity kernels attention e2e_qwen3 e2e_llama fused pytest"}
+PARTS=${PARTS:-"env parity kernels attention e2e_qwen3 e2e_llama e2e_qwen3_sync fused pytest"}
 # pytest may be missing from the GPU image: benchmarks/device_check.sh's caller can carry a
 # `pip install --target .gpu_deps pytest pluggy iniconfig`.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,6 +54,8 @@ part kernels 90 python benchmarks/gpu_checks.py kernels
 part attention 60 python benchmarks/gpu_checks.py attention
 part e2e_qwen3 150 python benchmarks/gpu_throughput.py --config benchmarks/configs/qwen3-0.6b.json
 part e2e_llama 150 python benchmarks/gpu_throughput.py --config benchmarks/configs/llama-3.2-1b.json
+# The same Qwen3 workload with synchronous steps: what async scheduling hides.
+part e2e_qwen3_sync 90 python benchmarks/gpu_throughput.py --config benchmarks/configs/qwen3-0.6b.json --skip-hf --no-async-scheduling
 part fused 40 python benchmarks/gpu_checks.py fused
 part pytest 150 python -m pytest -q -p no:cacheprovider tests/kernels
 cat "$OUT/status.txt"

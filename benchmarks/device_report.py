@@ -27,7 +27,8 @@ def main() -> None:
     src = Path(sys.argv[1])
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else src
     parts = {name: load(src, name) for name in
-             ("env", "kernels", "parity", "attention", "fused", "e2e_qwen3", "e2e_llama")}
+             ("env", "kernels", "parity", "attention", "fused", "e2e_qwen3", "e2e_llama",
+              "e2e_qwen3_sync")}
     lines = ["# GPU device check", "", "Command: `bash benchmarks/device_check.sh`", ""]
     status = (src / "status.txt").read_text() if (src / "status.txt").exists() else ""
     lines += ["Part status (rc 0 = passed; 124 = timed out):", "", "```", status.strip(), "```", ""]
@@ -75,12 +76,13 @@ def main() -> None:
                          r["add_rms_norm_bitwise_equal"], r["rotary_torch_us"],
                          r["rotary_fused_us"], r["rotary_max_abs_err"]]
                         for r in parts["fused"]["fused"]])
-    for name in ("e2e_qwen3", "e2e_llama"):
+    for name in ("e2e_qwen3", "e2e_llama", "e2e_qwen3_sync"):
         e = parts[name]
         if not e:
             continue
         ours, hf = e["pagedserve"], e.get("hf_transformers")
-        lines += [f"## End-to-end offline throughput: {e['model']}", "",
+        lines += [f"## End-to-end offline throughput: {e['model']} (async scheduling "
+                  f"{'on' if ours.get('async_scheduling') else 'off'})", "",
                   f"Command: `{e['command']}`; workload: {e['workload']}", ""]
         rows = [["pagedserve", ours["output_tok_s"], ours["elapsed_s"], ours["peak_gpu_mem_gib"]]]
         if hf:

@@ -43,25 +43,34 @@ def run_pagedserve(args, workload) -> dict:
               dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enable_prefix_caching=False,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     engine = llm.llm_engine
     runner = engine.model_runner
     steps = []  # (seconds, tokens, requests, kv tokens read, decode-only)
-    execute = runner.execute
+    schedule, step = engine.scheduler.schedule, engine.step
+    scheduled = []
 
-    def timed_execute(so, *args, **kwargs):
-        counts = list(so.num_scheduled_tokens.values())
-        computed = ([r.num_computed_tokens for r in so.scheduled_new_reqs]
-                    + so.scheduled_cached_reqs.num_computed_tokens)
+    def recording_schedule():
+        so = schedule()
+        scheduled.append(so)
+        return so
+
+    def timed_step():
+        # A step's wall time, from the host: with async scheduling, the period at which
+        # steps complete (the host's work hides behind the device's, or shows here).
         start = time.perf_counter()
-        # execute ends in the step's one device-to-host copy: the timing is exact.
-        out = execute(so, *args, **kwargs)
+        outputs = step()
+        seconds = time.perf_counter() - start
+        so = scheduled[-1] if scheduled else None
+        counts = list(so.num_scheduled_tokens.values()) if so is not None else []
         if counts:
-            steps.append((time.perf_counter() - start, sum(counts), len(counts),
+            computed = ([r.num_computed_tokens for r in so.scheduled_new_reqs]
+                        + so.scheduled_cached_reqs.num_computed_tokens)
+            steps.append((seconds, sum(counts), len(counts),
                           sum(computed) + sum(counts), max(counts) == 1))
-        return out
+        return outputs
 
-    runner.execute = timed_execute
+    engine.scheduler.schedule, engine.step = recording_schedule, timed_step
     elapsed, output_tokens = run_workload(llm, workload, on_start=steps.clear)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     return {
@@ -72,6 +81,7 @@ def run_pagedserve(args, workload) -> dict:
         "attention_backend": runner.attn_backend.name,
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "preemptions": engine.scheduler.num_preemptions,
+        "async_scheduling": engine.async_scheduling,
     }
 
 
@@ -95,6 +105,8 @@ def run_child(runner: str, args, workload_path: Path) -> dict:
            "--max-model-len", str(args.max_model_len), "--hf-batch-size", str(args.hf_batch_size)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
+    if args.async_scheduling is not None:
+        cmd.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     if proc.returncode != 0:
@@ -136,6 +148,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: the engine's (on for GPUs)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--bandwidth-gb-s", type=float, default=None,
                    help="measured copy bandwidth (default: measure it here)")

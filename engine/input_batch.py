@@ -63,10 +63,7 @@ class InputBatch:
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
-        # Pinned on CUDA so the step's slice goes up without waiting on the host.
-        table = torch.zeros(max_num_reqs, max_blocks, dtype=torch.int32,
-                            pin_memory=device.type == "cuda")
-        self.block_table = table.numpy()
+        self.block_table = np.zeros((max_num_reqs, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         # Sampling knobs per row, gathered for the sampling rows each step.
         self.sampling = SamplingRows(

@@ -294,7 +294,9 @@ class LLMEngine:
         Without async scheduling that is this step's outputs. With it, the step runs while
         the previous step's outputs are processed, and those are returned: the host's work
         hides behind the device's, for one step computed in vain by a request that stops.
-        Guided requests turn it off while they run (their masks need the latest token)."""
+        Guided requests turn it off while they run (their masks need the latest token).
+        When a step is finished early (that, or an id reused), one call can return two
+        steps' outputs of a request, in order."""
         outputs, self._deferred_outputs = self._deferred_outputs, []
         in_flight, self._in_flight = self._in_flight, None
         overlap = self.async_scheduling and not self._num_guided

@@ -1,5 +1,8 @@
 """Runs one step: flattens every scheduled request's new tokens into one varlen batch,
-runs the model once, and samples a token for each request whose prompt is fully computed."""
+runs the model once, and samples a token for each request whose prompt is fully computed.
+
+A step is launched (execute_model) and later collected (collect, the one device-to-host
+wait), so that the engine can launch step N+1 before it collects step N."""
 
 from __future__ import annotations
 
@@ -298,7 +301,11 @@ class ModelRunner:
         tensor = torch.from_numpy(array)
         if self.device.type == "cpu":
             return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        # Through pinned memory of its own, which the allocator keeps until the copy has
+        # run: the array may be a view of the input batch, which the host goes on changing
+        # while steps are still queued (async scheduling).
+        staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return staged.copy_(tensor).to(self.device, non_blocking=True)
 
     def _attention_metadata(self, step: StepInputs) -> AttentionMetadata:
         query_lens = step.query_lens.tolist()

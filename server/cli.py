@@ -37,6 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "and the KV cache)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="GPU: run decode steps eagerly instead of through CUDA graphs")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="schedule and launch each step before the previous step's "
+                             "outputs are processed (default: on for GPUs, off for CPUs)")
     parser.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
                         help="attention kernels (default: triton on GPU, torch on CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
@@ -51,7 +55,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend, async_scheduling=args.async_scheduling,
     )
 
 

@@ -23,6 +23,16 @@ def test_serve_parses_its_options(monkeypatch):
         build_parser().parse_args(["serve", "--tool-call-parser", "no-such-format"])
 
 
+def test_async_scheduling_flag_reaches_the_engine_config():
+    from pagedserve.engine.config import EngineConfig
+    from pagedserve.server.cli import engine_kwargs
+
+    for flags, expected in (([], None), (["--async-scheduling"], True),
+                            (["--no-async-scheduling"], False)):
+        args = build_parser().parse_args(["serve", *flags])
+        assert EngineConfig(**engine_kwargs(args)).async_scheduling is expected
+
+
 def test_chat_template_override(server, tmp_path):
     template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
     path = tmp_path / "t.jinja"
