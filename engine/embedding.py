@@ -228,6 +228,10 @@ class AsyncEmbeddingEngine:
     def max_seq_length(self) -> int:
         return self.engine.max_seq_length
 
+    @property
+    def model_dir(self) -> str:
+        return str(self.engine.model_dir)
+
     async def embed(self, inputs: EmbeddingInput) -> tuple[torch.Tensor, list[int]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.engine.embed, inputs)

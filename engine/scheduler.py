@@ -94,18 +94,20 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        kvm, cached = self.kv_cache_manager, out.scheduled_cached_reqs
+        kvm, cached, running = self.kv_cache_manager, out.scheduled_cached_reqs, self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        while i < len(running) and budget > 0:
+            request = running[i]
             placeholders = request.num_output_placeholders
-            if placeholders and request.num_output_tokens + placeholders >= request.max_tokens:
+            num_tokens = len(request.all_token_ids)
+            if placeholders and (num_tokens - len(request.prompt_token_ids) + placeholders
+                                 >= request.max_tokens):
                 i += 1  # its last token is already being sampled (async scheduling)
                 continue
-            num_new = min(request.num_tokens + placeholders - request.num_computed_tokens,
-                          budget)
+            num_computed = request.num_computed_tokens
+            num_new = min(num_tokens + placeholders - num_computed, budget)
             while (new_blocks := kvm.allocate_slots(request, num_new)) is None:
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
                 if victim is request:
@@ -113,8 +115,8 @@ class Scheduler:
             else:
                 cached.request_ids.append(request.request_id)
                 cached.resumed_from_preemption.append(False)
-                cached.new_block_ids.append([b.block_id for b in new_blocks])
-                cached.num_computed_tokens.append(request.num_computed_tokens)
+                cached.new_block_ids.append([b.block_id for b in new_blocks] if new_blocks else [])
+                cached.num_computed_tokens.append(num_computed)
                 self._scheduled(out, request, num_new)
                 budget -= num_new
                 i += 1

@@ -226,7 +226,7 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
                  for name in served_model_names]
         if embedding_engine is not None:
             cards.append(ModelCard(id=serving_embedding.model_name,
-                                   root=str(embedding_engine.engine.model_dir),
+                                   root=embedding_engine.model_dir,
                                    max_model_len=embedding_engine.max_seq_length))
         return ModelList(data=cards)
 
