@@ -13,6 +13,7 @@ copy bandwidth. Prints one JSON line; benchmarks/device_check.sh collects them."
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -48,7 +49,7 @@ def run_pagedserve(args, workload) -> dict:
     runner = engine.model_runner
     steps = []  # (seconds, tokens, requests, kv tokens read, decode-only)
     schedule, step = engine.scheduler.schedule, engine.step
-    scheduled = []
+    scheduled = collections.deque(maxlen=2)
 
     def recording_schedule():
         so = schedule()
@@ -56,12 +57,14 @@ def run_pagedserve(args, workload) -> dict:
         return so
 
     def timed_step():
-        # A step's wall time, from the host: with async scheduling, the period at which
-        # steps complete (the host's work hides behind the device's, or shows here).
+        # A step's wall time, from the host. With async scheduling a call launches one step
+        # and waits for the one before, which is what its time measures: the period at
+        # which steps complete (the host's work hides behind the device's, or shows here).
         start = time.perf_counter()
         outputs = step()
         seconds = time.perf_counter() - start
-        so = scheduled[-1] if scheduled else None
+        back = 2 if engine.async_scheduling else 1
+        so = scheduled[-back] if len(scheduled) >= back else None
         counts = list(so.num_scheduled_tokens.values()) if so is not None else []
         if counts:
             computed = ([r.num_computed_tokens for r in so.scheduled_new_reqs]

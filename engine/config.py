@@ -30,7 +30,7 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
     # Schedule and launch step N+1 before processing step N's outputs (vLLM's
     # --async-scheduling). None: on for GPUs; off for CPUs, where it has not paid (see
-    # benchmarks/results/async_scheduling_cpu.md).
+    # benchmarks/results/async_scheduling_cpu_smollm2.md).
     async_scheduling: bool | None = None
     attention_backend: str | None = None  # "torch" or "triton"; None: triton on GPU, torch on CPU
 

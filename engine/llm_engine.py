@@ -201,7 +201,8 @@ class LLMEngine:
                     params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
-        if request_id in self._parents:
+        if request_id in self._parents or any(
+                o.request_id == request_id for o in self._deferred_outputs):
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
         self._validate_prompt(token_ids)
@@ -275,6 +276,11 @@ class LLMEngine:
             parent = self._parents.get(request_id)
             if parent is None:
                 continue
+            # Outputs of a step finished early and not yet returned go first: nothing may
+            # follow a request's final output.
+            outputs += [o for o in self._deferred_outputs if o.request_id == request_id]
+            self._deferred_outputs = [o for o in self._deferred_outputs
+                                      if o.request_id != request_id]
             self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ABORTED)
             outputs.append(self._make_output(parent, finished=True))
             self._forget(parent)
@@ -282,7 +288,8 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        """True while step() has outputs to give: requests, or outputs held back."""
+        return bool(self._parents or self._deferred_outputs)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._parents)
@@ -297,6 +304,13 @@ class LLMEngine:
         Guided requests turn it off while they run (their masks need the latest token).
         When a step is finished early (that, or an id reused), one call can return two
         steps' outputs of a request, in order."""
+        try:
+            return self._step()
+        except Exception as exc:
+            self._fail_unfinished(exc)
+            raise
+
+    def _step(self) -> list[RequestOutput]:
         outputs, self._deferred_outputs = self._deferred_outputs, []
         in_flight, self._in_flight = self._in_flight, None
         overlap = self.async_scheduling and not self._num_guided
@@ -307,7 +321,7 @@ class LLMEngine:
         launched = None
         if not so.is_empty:
             launched = self._launch(so)
-        elif so.finished_request_ids:
+        elif so.finished_request_ids or so.preempted_request_ids:
             self._finish_step(self._launch(so))  # nothing to run; the runner frees their rows
         if in_flight is not None:
             outputs += self._finish_step(in_flight)
@@ -317,6 +331,27 @@ class LLMEngine:
             else:
                 outputs += self._finish_step(launched)
         return outputs
+
+    def _fail_unfinished(self, exc: Exception) -> None:
+        """A step raised. Progress was counted when it was scheduled, and the runner may be
+        halfway through it, so no unfinished request can go on: each ends with an error
+        (its final output comes with the next step) and the engine stays usable."""
+        logger.exception("an engine step failed; ending %d requests", len(self._parents))
+        if self._runner_thread is not None:
+            self._runner_thread.submit(lambda: None).result()  # let queued steps end first
+        self._in_flight = None
+        self.model_runner.reset_requests()
+        for parent in list(self._parents.values()):
+            for child in parent.children:
+                child.error = child.error or f"the engine step failed: {type(exc).__name__}: {exc}"
+            self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ERROR)
+            output = self._make_output(parent, finished=True)
+            if output is not None:
+                self._deferred_outputs.append(output)
+            self._forget(parent)
+        # Blocks the failed step was to fill were published to the prefix cache when it was
+        # scheduled; with every request ended, all blocks are free and the cache can go.
+        self.kv_cache_manager.reset_prefix_cache()
 
     def _launch(self, so: SchedulerOutput) -> _Launched:
         bitmask = self._grammar_bitmask if self._num_guided else None

@@ -399,6 +399,12 @@ class ModelRunner:
         handle.output = out  # last: another thread may be reading it (see _record_collected)
         return out
 
+    def reset_requests(self) -> None:
+        """Forget every request (after a failed step): an empty batch, no steps pending."""
+        self.requests.clear()
+        self._unrecorded.clear()
+        self.init_input_batch(self.input_batch.max_num_reqs, self.input_batch.max_model_len)
+
     def _record_collected(self) -> None:
         """Write the sampled tokens of collected steps into the input batch's rows (or into
         the state of a request preempted since). Done here, on the thread that owns the

@@ -11,7 +11,7 @@ import pytest
 
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,23 +23,33 @@ def make_engine(tiny_dir, mode: str, **kwargs) -> LLMEngine:
     from the device; runner-thread: the runner on its own thread, as on CPUs."""
     config = dict(model=str(tiny_dir), skip_tokenizer_init=True, max_model_len=96, block_size=4,
                   max_num_batched_tokens=16, max_num_seqs=6, num_gpu_blocks_override=24)
-    engine = LLMEngine(EngineConfig(**config, **kwargs, async_scheduling=mode != "sync"))
+    config.update(kwargs)
+    engine = LLMEngine(EngineConfig(**config, async_scheduling=mode != "sync"))
     if mode == "inline":
         engine._runner_thread = None
     return engine
 
 
+def drain(engine) -> list:
+    """Every output until the engine has none left, in a bounded number of steps (a stalled
+    request fails the test instead of hanging it)."""
+    outputs = []
+    for _ in range(1000):
+        if not engine.has_unfinished_requests():
+            return outputs
+        outputs += engine.step()
+    raise AssertionError("stalled: requests never finish")
+
+
 def run(engine, requests: dict[str, tuple[list[int], SamplingParams]]):
-    """Final token ids of each request (per child), finish reasons, and every output seen."""
+    """Final token ids and finish reason of each request's children."""
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
-    finals, seen = {}, Counter()
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            assert out.request_id not in finals, "an output after the final one"
-            seen[out.request_id] += 1
-            if out.finished:
-                finals[out.request_id] = [(c.token_ids, c.finish_reason) for c in out.outputs]
+    finals = {}
+    for out in drain(engine):
+        assert out.request_id not in finals, "an output after the final one"
+        if out.finished:
+            finals[out.request_id] = [(c.token_ids, c.finish_reason) for c in out.outputs]
     kvm = engine.kv_cache_manager
     assert kvm.num_free_blocks == kvm.block_pool.num_blocks, "blocks leaked"
     return finals
@@ -112,11 +122,8 @@ def test_reused_id_gets_its_own_tokens(tiny_dir, mode):
         pass
     assert "x" in engine._in_flight.scheduled.num_scheduled_tokens
     engine.add_request("x", second, greedy)
-    finals = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = [(c.token_ids, c.finish_reason) for c in out.outputs]
+    finals = {out.request_id: [(c.token_ids, c.finish_reason) for c in out.outputs]
+              for out in drain(engine) if out.finished}
     assert finals["x"] == expected
 
 
@@ -130,8 +137,95 @@ def test_abort_with_a_step_in_flight(tiny_dir, mode):
         engine.step()
     (aborted,) = engine.abort_request("a")
     assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            assert out.request_id == "b"
+    assert {out.request_id for out in drain(engine)} == {"b"}
     kvm = engine.kv_cache_manager
     assert kvm.num_free_blocks == kvm.block_pool.num_blocks
+
+
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_preemption_in_a_step_that_runs_nothing(tiny_dir, mode):
+    """S's last token is being sampled, so S is not scheduled again; R, behind it, finds no
+    block and preempts itself. That step runs nothing, and the runner must still hear of
+    the preemption (or R gets a second row and never samples again)."""
+    requests = {"S": ([9] * 60, SamplingParams(temperature=0, ignore_eos=True, max_tokens=3)),
+                "R": ([8] * 31, SamplingParams(temperature=0, ignore_eos=True, max_tokens=20))}
+    kwargs = dict(max_num_batched_tokens=64)
+    expected = run(make_engine(tiny_dir, "sync", **kwargs), requests)
+    engine = make_engine(tiny_dir, mode, **kwargs)
+    schedule, empty_preemptions = engine.scheduler.schedule, []
+
+    def recording_schedule():
+        out = schedule()
+        if out.is_empty and out.preempted_request_ids:
+            empty_preemptions.append(out.preempted_request_ids)
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    assert run(engine, requests) == expected
+    assert empty_preemptions == [["R"]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failed_step_ends_its_requests_and_the_engine_goes_on(tiny_dir, mode):
+    engine = make_engine(tiny_dir, mode)
+    greedy = SamplingParams(temperature=0, ignore_eos=True, max_tokens=8)
+    for i in range(3):
+        engine.add_request(f"r{i}", [5 + i] * (3 + 4 * i), greedy)
+    runner, calls = engine.model_runner, [0]
+    execute_model = runner.execute_model
+
+    def failing_once(*args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("device lost")
+        return execute_model(*args)
+
+    runner.execute_model = failing_once
+    with pytest.raises(RuntimeError, match="device lost"):
+        for _ in range(10):
+            engine.step()
+    finals = {out.request_id: out for out in drain(engine)}
+    assert sorted(finals) == ["r0", "r1", "r2"]
+    for out in finals.values():
+        assert out.finished and "device lost" in out.error
+        assert out.outputs[0].finish_reason == "error"
+    kvm = engine.kv_cache_manager
+    assert kvm.num_free_blocks == kvm.block_pool.num_blocks
+    # A new request runs as on a fresh engine.
+    again = {"a": ([5] * 3, greedy), "b": ([7] * 11, greedy)}
+    assert run(engine, again) == run(make_engine(tiny_dir, "sync"), again)
+
+
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_outputs_held_back_come_before_the_final_one(tiny_dir, mode):
+    """Reusing an id finishes the step in flight early; its outputs wait for the next
+    step(). Until then their ids stay in use, an abort returns them first, and nothing
+    follows a request's final output."""
+    engine = make_engine(tiny_dir, mode, max_num_batched_tokens=64)  # all prompts in step 1
+    delta = SamplingParams(temperature=0, ignore_eos=True, max_tokens=20,
+                           output_kind=RequestOutputKind.DELTA)
+    stop_at_once = SamplingParams(temperature=0, ignore_eos=True, max_tokens=4,
+                                  stop_token_ids=list(range(256)))
+    engine.add_request("x", [11] * 9, stop_at_once)  # ends with its first token
+    engine.add_request("w", [12] * 9, SamplingParams(temperature=0, ignore_eos=True,
+                                                     max_tokens=2))  # with its second
+    engine.add_request("b", [7] * 3, delta)
+    tokens = []
+    while True:
+        outputs = engine.step()
+        tokens += [t for o in outputs if o.request_id == "b" for t in o.outputs[0].token_ids]
+        if any(o.request_id == "x" and o.finished for o in outputs):
+            break
+    engine.add_request("x", [23] * 5, stop_at_once)  # finishes the step in flight
+    held = {o.request_id: o.finished for o in engine._deferred_outputs}
+    assert held == {"w": True, "b": False}
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("w", [1], stop_at_once)  # its final output is not out yet
+    outputs = engine.abort_request(["b", "x"])
+    assert [o.request_id for o in outputs] == ["b", "b", "x"] and outputs[1].finished
+    tokens += [t for o in outputs if o.request_id == "b" for t in o.outputs[0].token_ids]
+    assert [(o.request_id, o.finished) for o in drain(engine)] == [("w", True)]
+    reference = make_engine(tiny_dir, "sync")
+    expected = run(reference, {"b": ([7] * 3, SamplingParams(temperature=0, ignore_eos=True,
+                                                             max_tokens=20))})["b"][0][0]
+    assert tokens and tokens == expected[:len(tokens)]
