@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedserve.engine.sampler import SamplingRows, penalty_rows, penalty_state
+from pagedserve.engine.sampler import SamplingRows, host_to_device, penalty_rows, penalty_state
 from pagedserve.engine.sampling_params import SamplingParams
 
 
@@ -284,7 +284,7 @@ class InputBatch:
         positions = penalty_rows(sampling)
         if not positions.size:
             return positions, None, None
-        index = torch.from_numpy(rows[positions]).to(self.device, non_blocking=True)
+        index = host_to_device(rows[positions], self.device)
         return positions, self.output_counts[index], self.prompt_mask[index]
 
     def reserve_sampled(self, rows: np.ndarray) -> np.ndarray:
@@ -334,7 +334,7 @@ class InputBatch:
         if not positions.size:
             return
         dev = self.device
-        row_index = torch.from_numpy(rows[positions]).to(dev, non_blocking=True)
-        tokens = sampled[torch.from_numpy(positions).to(dev, non_blocking=True)]
+        row_index = host_to_device(rows[positions], dev)
+        tokens = sampled[host_to_device(positions, dev)]
         self.output_counts.index_put_((row_index, tokens),
                                       torch.ones(len(positions), device=dev), accumulate=True)

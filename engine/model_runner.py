@@ -23,7 +23,12 @@ from pagedserve.engine.input_batch import CachedRequestState, InputBatch, StepIn
 from pagedserve.engine.loader.weights import init_dummy_weights, iterate_safetensors
 from pagedserve.engine.models import get_model_class
 from pagedserve.engine.models.llama import RotaryEmbedding
-from pagedserve.engine.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+from pagedserve.engine.sampler import (
+    Sampler,
+    SamplingMetadata,
+    compute_prompt_logprobs,
+    host_to_device,
+)
 from pagedserve.engine.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
@@ -298,14 +303,7 @@ class ModelRunner:
             batch.condense()
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return tensor
-        # Through pinned memory of its own, which the allocator keeps until the copy has
-        # run: the array may be a view of the input batch, which the host goes on changing
-        # while steps are still queued (async scheduling).
-        staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        return staged.copy_(tensor).to(self.device, non_blocking=True)
+        return host_to_device(array, self.device, dtype=None)
 
     def _attention_metadata(self, step: StepInputs) -> AttentionMetadata:
         query_lens = step.query_lens.tolist()
@@ -429,7 +427,7 @@ class ModelRunner:
     def _prompt_logprobs(self, hidden, state: CachedRequestState, start: int,
                          count: int) -> _HostCopy:
         logits = self.model.compute_logits(hidden)
-        targets = torch.tensor(state.prompt_token_ids[start + 1:start + 1 + count],
-                               device=self.device)
+        targets = host_to_device(state.prompt_token_ids[start + 1:start + 1 + count],
+                                 self.device)
         return _HostCopy(list(compute_prompt_logprobs(
             logits, targets, state.sampling_params.prompt_logprobs)))

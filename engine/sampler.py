@@ -134,7 +134,7 @@ class SamplingMetadata:
         V = vocab_size
 
         def tensor(values, dtype=torch.int64) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return host_to_device(values, device, dtype)
 
         greedy = rows.temperature < 1e-5
         random = np.flatnonzero(~greedy)
@@ -217,11 +217,25 @@ def penalty_state(prompt_token_ids: Sequence[Sequence[int]],
     mask = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
     for i, (prompt, output) in enumerate(zip(prompt_token_ids, output_token_ids)):
         if prompt:
-            mask[i, torch.tensor(list(prompt), device=device)] = True
+            mask[i, host_to_device(list(prompt), device)] = True
         if output:
-            counts[i].index_put_((torch.tensor(list(output), device=device),),
+            counts[i].index_put_((host_to_device(list(output), device),),
                                  torch.ones(len(output), device=device), accumulate=True)
     return counts, mask
+
+
+def host_to_device(values, device: torch.device, dtype: torch.dtype | None = torch.int64,
+                   ) -> torch.Tensor:
+    """A host list or array as a tensor on `device` (on the CPU: the array itself, no copy).
+    On a GPU the copy goes through pinned memory of its own, which the allocator keeps
+    until the copy has run: the host neither waits for the steps still queued (a copy from
+    pageable memory may, and async scheduling's overlap would be lost) nor can change the
+    source under a queued copy (the runner's arrays may be views of its input batch)."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return tensor
+    staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+    return staged.to(device, non_blocking=True)
 
 
 @dataclass(slots=True)
