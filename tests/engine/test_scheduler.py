@@ -1,6 +1,8 @@
 """Scheduler policy step by step, with a real KV cache manager and no model: token budget,
 FCFS, chunked prefill, max_num_seqs, preemption, abort and prefix-cache hits."""
 
+import weakref
+
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.sampling_params import SamplingParams
@@ -48,11 +50,13 @@ def step(sched: Scheduler) -> SchedulerOutput:
     return out
 
 
-_RUNNER_TABLES: dict[int, dict[str, list[int]]] = {}  # id(scheduler) -> the runner's view
+# scheduler -> the runner's view. Weak keys: an id() could be reused by a later scheduler.
+_RUNNER_TABLES: weakref.WeakKeyDictionary[Scheduler, dict[str, list[int]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def check_diffs(sched: Scheduler, out: SchedulerOutput) -> None:
-    tables = _RUNNER_TABLES.setdefault(id(sched), {})
+    tables = _RUNNER_TABLES.setdefault(sched, {})
     for request_id in out.finished_request_ids + out.preempted_request_ids:
         tables.pop(request_id, None)
     for new in out.scheduled_new_reqs:
@@ -78,7 +82,7 @@ def blocks(sched: Scheduler, request: Request) -> list[int]:
 def step_table(sched: Scheduler, request: Request) -> list[int]:
     """The block table the last step ran the request with (the runner's view: it outlives
     the request's blocks when that step finished it)."""
-    return _RUNNER_TABLES[id(sched)][request.request_id]
+    return _RUNNER_TABLES[sched][request.request_id]
 
 
 def scheduled(out: SchedulerOutput) -> list[tuple[str, int]]:
