@@ -199,11 +199,16 @@ class AsyncEngine:
             try:
                 if self._dead is not None or stopping:
                     self._check_alive()  # raises: stopping implies _closed
-                waiting = self.engine.get_num_waiting_requests()
-                if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+                # The cap counts sequences: a request with n > 1 waits as n of them.
+                waiting, cap = self.engine.get_num_waiting_requests(), self.max_waiting_requests
+                n = command.params.n if command.params is not None else 1
+                if cap is not None and n > cap:
+                    raise ValueError(f"n={n} is more sequences than this server queues at once "
+                                     f"(max_waiting_requests={cap})")
+                if cap is not None and waiting + n > cap:
                     raise EngineOverloadedError(
                         f"{waiting} requests are already waiting (max_waiting_requests="
-                        f"{self.max_waiting_requests}); try again later")
+                        f"{cap}); try again later")
                 self.engine.add_request(command.request_id, command.prompt, command.params)
             except Exception as exc:  # bad input is the caller's error, not the loop's
                 command.accepted.set_exception(exc)

@@ -115,6 +115,7 @@ class EmbeddingEngine:
 
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model_path = model  # as the user gave it; None: the embedded default
         if model is None:
             from pagedserve.engine.loader.default_model import default_embedding_model_path
 
@@ -229,8 +230,9 @@ class AsyncEmbeddingEngine:
         return self.engine.max_seq_length
 
     @property
-    def model_dir(self) -> str:
-        return str(self.engine.model_dir)
+    def model_path(self) -> str | None:
+        """The model's path as the user gave it (None: the embedded default)."""
+        return self.engine.model_path
 
     async def embed(self, inputs: EmbeddingInput) -> tuple[torch.Tensor, list[int]]:
         loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.engine.embedding import AsyncEmbeddingEngine
-from pagedserve.server.errors import APIError, error_body
+from pagedserve.server.errors import APIError, error_body, internal_error
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (
     ChatCompletionRequest,
@@ -47,7 +47,9 @@ def _package_version() -> str:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error), status_code=error.status_code)
+    # Overloaded (503) or rate-limited (429): say when to come back, as OpenAI's API does.
+    headers = {"Retry-After": "1"} if error.status_code in (429, 503) else None
+    return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -93,22 +95,38 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> R
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1/*, compared in constant time.
-    Plain ASGI (not BaseHTTPMiddleware) so streaming and disconnects pass through as is."""
+    """Requires `Authorization: Bearer <key>` (the scheme in any case, one header only) on
+    /v1/*, /tokenize and /detokenize, and on /metrics if asked; the key is compared in
+    constant time. /health and /version stay open. Plain ASGI (not BaseHTTPMiddleware) so
+    streaming and disconnects pass through as is."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool = False) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
+        self.prefixes = ("/v1", "/tokenize", "/detokenize") + (
+            ("/metrics",) if protect_metrics else ())
+
+    def _guarded(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith("/v1")
-                and scope["method"] != "OPTIONS"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = error_response(APIError(
-                    "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
-                    401, code="invalid_api_key"))
-                await response(scope, receive, send)
+        if (scope["type"] == "http" and scope["method"] != "OPTIONS"
+                and self._guarded(scope["path"])):
+            given = [v for k, v in scope["headers"] if k == b"authorization"]
+            error = None
+            if len(given) > 1:
+                error = APIError("Send one Authorization header, not several", 400,
+                                 code="invalid_authorization_header")
+            else:
+                scheme, _, key = (given[0] if given else b"").strip().partition(b" ")
+                # compare_digest on the key whatever the scheme, so timing tells nothing.
+                key_ok = hmac.compare_digest(key.strip(), self.expected)
+                if not (key_ok and scheme.lower() == b"bearer"):
+                    error = APIError("Incorrect or missing API key: send it as "
+                                     "'Authorization: Bearer <key>'", 401,
+                                     code="invalid_api_key")
+            if error is not None:
+                await error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -166,10 +184,13 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               embedding_engine: AsyncEmbeddingEngine | None = None,
               embedding_model_name: str | None = None,
-              tool_call_parser: str = "hermes") -> FastAPI:
+              tool_call_parser: str = "hermes", protect_metrics: bool = False,
+              enable_docs: bool = True) -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine (and, for /v1/embeddings, an
     AsyncEmbeddingEngine); shuts them down when the app stops (its lifespan).
-    `tool_call_parser`: how tool calls are read from tool_choice "auto" output."""
+    `tool_call_parser`: how tool calls are read from tool_choice "auto" output.
+    `protect_metrics`: /metrics needs the API key too. `enable_docs`: serve /docs, /redoc
+    and /openapi.json."""
     metrics = ServerMetrics(async_engine)
     serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics,
                             tool_parser=tool_call_parser)
@@ -183,10 +204,11 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
         if embedding_engine is not None:
             await asyncio.to_thread(embedding_engine.shutdown)
 
-    app = FastAPI(title="pagedserve", version=_package_version(), lifespan=lifespan)
+    docs = {} if enable_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pagedserve", version=_package_version(), lifespan=lifespan, **docs)
     app.state.serving = serving
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, protect_metrics=protect_metrics)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)  # outermost
 
     @app.exception_handler(APIError)
@@ -204,8 +226,7 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return error_response(APIError(f"internal server error: {exc!r}", 500, "server_error"))
+        return error_response(internal_error(exc, request.url.path))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
@@ -221,12 +242,13 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        root = async_engine.model_info.model_dir
+        # root: the model as the user named it (or its name), never a cache path.
+        root = async_engine.model_info.model or served_model_names[0]
         cards = [ModelCard(id=name, root=root, max_model_len=serving.max_model_len)
                  for name in served_model_names]
         if embedding_engine is not None:
             cards.append(ModelCard(id=serving_embedding.model_name,
-                                   root=embedding_engine.model_dir,
+                                   root=embedding_engine.model_path or serving_embedding.model_name,
                                    max_model_len=embedding_engine.max_seq_length))
         return ModelList(data=cards)
 

@@ -165,7 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                max_waiting_requests=args.max_waiting_requests)
     embedding_engine = load_embedding_engine(args, logger)
     app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
-                    embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser)
+                    embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser,
+                    protect_metrics=args.protect_metrics, enable_docs=not args.disable_docs)
     logger.info("Serving %s (max_model_len=%d) on http://%s:%d/v1%s", ", ".join(names),
                    async_engine.model_info.max_model_len, args.host, args.port,
                    " (API key required)" if args.api_key else "")
@@ -203,8 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model name(s) clients use; the first is reported in responses "
                             f"(default: MODEL, or {DEFAULT_SERVED_NAME})")
     serve.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1/* "
+                       help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and "
+                            "/detokenize; /health, /version and /metrics stay open "
                             "(default: $PAGEDSERVE_API_KEY)")
+    serve.add_argument("--protect-metrics", action="store_true",
+                       help="with --api-key: require the key on /metrics too")
+    serve.add_argument("--disable-docs", action="store_true",
+                       help="serve no /docs, /redoc or /openapi.json")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="answer 503 when this many requests already wait (default: no cap)")
     serve.add_argument("--chat-template", default=None,

@@ -24,7 +24,7 @@ from pagedserve.engine.async_engine import (
 from pagedserve.engine.embedding import AsyncEmbeddingEngine, InputTooLongError
 from pagedserve.engine.outputs import CompletionOutput, DeltaAccumulator, Logprob, RequestOutput
 from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
-from pagedserve.server.errors import APIError, error_body
+from pagedserve.server.errors import APIError, error_body, internal_error
 from pagedserve.server.guided import guided_decoding
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (
@@ -321,7 +321,7 @@ class OpenAIServing:
             async for chunk in chunks(outputs()):
                 yield chunk
         except Exception as exc:
-            error = engine_error(exc) or APIError(f"internal error: {exc!r}", 500, "server_error")
+            error = engine_error(exc) or internal_error(exc, "a stream")
             yield _sse(json.dumps(error_body(error)))
         finally:
             with anyio.CancelScope(shield=True):

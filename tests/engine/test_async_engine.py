@@ -205,6 +205,34 @@ def test_overload_rejects_beyond_max_waiting_requests(tiny_dir):
     assert_pool_full(engine)
 
 
+def test_the_waiting_cap_counts_each_requests_n(tiny_dir):
+    engine = AsyncEngine(make_config(tiny_dir, max_num_seqs=1), max_waiting_requests=3)
+
+    def params(n: int, max_tokens: int = 2) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, n=n, **GREEDY)
+
+    async def until(condition) -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    async def main():
+        running = asyncio.ensure_future(collect(engine, make_prompt(5, seed=0), params(1, 30)))
+        await until(lambda: engine.stats().num_running == 1)
+        with pytest.raises(ValueError, match="max_waiting_requests=3"):
+            await collect(engine, make_prompt(5, seed=1), params(4))  # can never fit
+        waiting = asyncio.ensure_future(collect(engine, make_prompt(5, seed=2), params(2)))
+        await until(lambda: engine.stats().num_waiting == 2)
+        with pytest.raises(EngineOverloadedError):
+            await collect(engine, make_prompt(5, seed=3), params(2))  # 2 + 2 > 3
+        fits = asyncio.ensure_future(collect(engine, make_prompt(5, seed=4), params(1)))
+        results = await asyncio.gather(running, waiting, fits)
+        await engine.shutdown()
+        return results
+
+    assert all(outs[-1].finished for outs in asyncio.run(main()))
+    assert_pool_full(engine)
+
+
 def test_a_failing_step_fails_every_request_and_the_engine(tiny_dir):
     engine = AsyncEngine(make_config(tiny_dir))
     step, num_steps = engine.engine.step, itertools.count()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -47,16 +48,72 @@ def real_engine(server):
     return server.async_engine
 
 
-def test_api_key_guards_v1_only(server):
+def test_api_key_guards_v1_and_tokenization(server):
     # No `with`: the lifespan (which shuts the engine down) does not run.
     client = TestClient(build_app(server.async_engine, [MODEL_NAME], api_key="s3cret"))
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-        response = client.get("/v1/models", headers=headers)
-        assert response.status_code == 401
-        assert response.json()["error"]["code"] == "invalid_api_key"
-    ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
-    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL_NAME
-    assert client.get("/health").status_code == 200  # load balancers probe without a key
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                    {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer"}):
+        for response in (client.get("/v1/models", headers=headers),
+                         client.post("/tokenize", json={"prompt": "hi"}, headers=headers),
+                         client.post("/detokenize", json={"tokens": [1]}, headers=headers)):
+            assert response.status_code == 401, (headers, response.request.url)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme in any case (RFC 7235)
+        ok = client.get("/v1/models", headers={"Authorization": f"{scheme} s3cret"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL_NAME
+    tokens = client.post("/tokenize", json={"prompt": "hi"},
+                         headers={"Authorization": "Bearer s3cret"})
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    # Load balancers and scrapers probe without a key.
+    for path in ("/health", "/version", "/metrics"):
+        assert client.get(path).status_code == 200, path
+
+
+def test_two_authorization_headers_are_a_400(server):
+    """Which of two headers would win depends on the proxy in front: refuse both."""
+    client = TestClient(build_app(server.async_engine, [MODEL_NAME], api_key="s3cret"))
+    for pair in (["Bearer wrong", "Bearer s3cret"], ["Bearer s3cret", "Bearer s3cret"]):
+        response = client.get("/v1/models",
+                              headers=[("Authorization", pair[0]), ("Authorization", pair[1])])
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_authorization_header"
+
+
+def test_protected_metrics_and_no_docs(server):
+    client = TestClient(build_app(server.async_engine, [MODEL_NAME], api_key="s3cret",
+                                  protect_metrics=True, enable_docs=False))
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 404, path
+    assert TestClient(build_app(server.async_engine, [MODEL_NAME])).get(
+        "/openapi.json").status_code == 200
+
+
+@pytest.mark.parametrize("model, root", [(None, MODEL_NAME),  # the embedded default
+                                         ("/models/smol.gguf", "/models/smol.gguf")])
+def test_models_root_is_what_the_user_named_not_a_cache_path(real_engine, model, root):
+    engine = FailingEngine(real_engine, RuntimeError())
+    engine.model_info = dataclasses.replace(
+        real_engine.model_info, model=model, model_dir="/root/.cache/pagedserve/gguf/1f2e")
+    response = TestClient(build_app(engine, [MODEL_NAME])).get("/v1/models")
+    (card,) = [c for c in response.json()["data"] if c["id"] == MODEL_NAME]
+    assert card["root"] == root
+
+
+def test_internal_errors_carry_an_id_not_the_exception(real_engine, caplog):
+    secret = "/home/alice/secret/path"
+    engine = FailingEngine(real_engine, KeyError(secret))  # a bug, not a client's error
+    client = TestClient(build_app(engine, [MODEL_NAME]), raise_server_exceptions=False)
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert secret not in response.text and error["code"] == "internal_error"
+    error_id = error["message"].rsplit(" ", 1)[-1].rstrip(")")
+    assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records)
+    streamed = client.post("/v1/chat/completions", json={**CHAT, "stream": True}).text
+    assert secret not in streamed and "internal_error" in streamed
 
 
 @pytest.mark.parametrize("error, status, code", [
@@ -73,6 +130,8 @@ def test_engine_errors_map_to_status(real_engine, error, status, code, stream):
         assert response.status_code == status, response.text
         assert response.json()["error"]["code"] == code
         assert str(error) in response.json()["error"]["message"]
+        # Overloaded: when to try again, as OpenAI's API says it.
+        assert (response.headers.get("retry-after") == "1") == (status == 503)
 
 
 def test_health_is_503_when_the_engine_is_dead(real_engine):
