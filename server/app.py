@@ -63,9 +63,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     by_field: dict[str, str] = {}
     for err in errors:
         loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        got = f" (got {err['input']!r:.100})" if loc and "input" in err else ""
+        if err.get("type") == "invalid_unicode":  # a whole-body check that names its field
+            loc = [err["ctx"]["field"]]
         field = loc[0] if loc else "body"
         if field not in by_field:
-            got = f" (got {err['input']!r:.100})" if loc and "input" in err else ""
             by_field[field] = f"{field}: {err.get('msg')}{got}"
     param = next((f for f in by_field if f != "body"), None)
     return APIError("Invalid request: " + "; ".join(by_field.values()), param=param)

@@ -9,12 +9,54 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from pagedserve.engine.sampling_params import MAX_LOGPROBS
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def first_invalid_text(value: Any, path: str = "") -> tuple[str, int] | None:
+    """(field path, character index) of the first string in `value` (a model, or lists and
+    dicts of them, keys included) that is not valid Unicode: JSON's \\ud800-style escapes
+    can spell lone surrogates, which no tokenizer takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, exc.start
+        return None
+    if isinstance(value, BaseModel):
+        items = ((name, getattr(value, name)) for name in type(value).model_fields)
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        inner = f"{path}.{key}" if path else str(key)
+        found = (isinstance(key, str) and first_invalid_text(key, inner)
+                 or first_invalid_text(item, inner))
+        if found:
+            return found
+    return None
+
+
+class RequestModel(OpenAIBaseModel):
+    """A request body: every text in it must be valid Unicode (a 400 naming the field)."""
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> RequestModel:
+        found = first_invalid_text(self)
+        if found is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "not valid Unicode text (a lone surrogate at character {index})",
+                {"field": found[0], "index": found[1]})
+        return self
 
 
 # ---- errors --------------------------------------------------------------------------
@@ -60,7 +102,7 @@ class StreamOptions(OpenAIBaseModel):
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(RequestModel):
     """Fields common to chat and text completions, under OpenAI's and vLLM's names."""
 
     model: str | None = None  # None: the first served model name
@@ -287,7 +329,7 @@ def sampling_kwargs(request: SamplingRequest) -> dict[str, Any]:
 
 
 # ---- embeddings ----------------------------------------------------------------------
-class EmbeddingRequest(OpenAIBaseModel):
+class EmbeddingRequest(RequestModel):
     # list[int] before list[str] would not matter: pydantic's smart union takes exact matches.
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None  # None: the served embedding model
@@ -315,7 +357,7 @@ class EmbeddingResponse(OpenAIBaseModel):
 
 
 # ---- tokenizer endpoints (vLLM's shapes) ---------------------------------------------
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None  # tokenize a chat as the template renders it
@@ -330,7 +372,7 @@ class TokenizeResponse(OpenAIBaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 

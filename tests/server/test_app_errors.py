@@ -165,3 +165,36 @@ def test_oversize_body_is_413(server):
                            headers={"content-type": "application/json"})
     assert response.status_code == 413, response.text
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+LONE = "ok \ud800 then"  # JSON can spell it ("\ud800"); no tokenizer takes it
+TOOL = {"type": "function", "function": {"name": "f", "description": LONE}}
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONE}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "system", "content": LONE},
+                                                   {"role": "user", "content": "hi"}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+     "messages.0.content.0.text"),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL]}, "tools.0.function.description"),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "stop": [LONE]}, "stop.0"),
+    ("/v1/completions", {"prompt": LONE, "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": ["fine", LONE], "max_tokens": 2}, "prompt.1"),
+    ("/v1/completions", {"prompt": LONE, "echo": True, "stream": True, "max_tokens": 2},
+     "prompt"),
+    ("/v1/completions", {"prompt": "hi", "model": LONE}, "model"),
+    ("/v1/embeddings", {"input": [LONE]}, "input.0"),
+    ("/tokenize", {"prompt": LONE}, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
+])
+def test_invalid_unicode_is_a_400_naming_the_field(server, path, body, field):
+    client = TestClient(build_app(server.async_engine, [MODEL_NAME]))
+    response = client.post(path, content=json.dumps(body),  # ASCII: the surrogate as \ud800
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and "Unicode" in error["message"]
