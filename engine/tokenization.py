@@ -22,6 +22,10 @@ class AsyncTokenizer:
         self._tokenizer = copy.deepcopy(tokenizer)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
         self.chat_template: str | None = getattr(tokenizer, "chat_template", None)
+        # The longest token's text: no token covers more characters of (normalised) text,
+        # so a text of n characters has at least n / max_token_chars tokens (None: unknown).
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        self.max_token_chars: int | None = max(map(len, vocab), default=None)
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -45,6 +45,19 @@ def first_invalid_text(value: Any, path: str = "") -> tuple[str, int] | None:
     return None
 
 
+def text_chars(value: Any) -> int:
+    """How many characters of text `value` (a model, or lists and dicts of them) holds."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, BaseModel):
+        return sum(text_chars(getattr(value, name)) for name in type(value).model_fields)
+    if isinstance(value, dict):
+        return sum(text_chars(k) + text_chars(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(text_chars(v) for v in value)
+    return 0
+
+
 class RequestModel(OpenAIBaseModel):
     """A request body: every text in it must be valid Unicode (a 400 naming the field)."""
 

@@ -55,6 +55,7 @@ from pagedserve.server.protocol import (
     TopLogprob,
     UsageInfo,
     sampling_kwargs,
+    text_chars,
 )
 from pagedserve.server.tool_parsers import StreamDelta, ToolCallStream, get_tool_parser
 from pagedserve.server.tools import ToolPlan, conversation, template_knows_tools, tool_dicts
@@ -204,6 +205,11 @@ class OpenAIServing:
         info = async_engine.model_info
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
+        # Text longer than this cannot fit the context whatever it says, so it is refused
+        # before it is tokenized (a 20 MB prompt would hold the tokenizer for a minute).
+        # 4x: normalisation (NFKC and the like) may fold several characters into one.
+        token_chars = self.tokenizer.max_token_chars if self.tokenizer is not None else None
+        self.max_prompt_chars = self.max_model_len * 4 * token_chars if token_chars else None
 
     # ---- shared helpers ---------------------------------------------------------------
     def generate(self, request_id: str, prompt: dict,
@@ -226,6 +232,15 @@ class OpenAIServing:
         if self.tokenizer is None:
             raise APIError(f"{what} needs a tokenizer, and this server runs without one")
         return self.tokenizer
+
+    def check_chars(self, num_chars: int, param: str) -> None:
+        """Refuse text that is too long for the context by its length alone."""
+        if self.max_prompt_chars is not None and num_chars > self.max_prompt_chars:
+            raise APIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, your {param} has {num_chars} characters, more than that many "
+                f"tokens can hold. Please reduce the length of the {param}.",
+                param=param, code="context_length_exceeded")
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
         limit = self.max_model_len
@@ -334,6 +349,7 @@ class OpenAIServing:
         """The chat template's text and its token ids; `tools` go in the prompt (through
         the template, or as the default tool prompt where the template knows none)."""
         tokenizer = self._need_tokenizer("chat messages")
+        self.check_chars(text_chars(messages) + text_chars(tools), "messages")
         knows_tools = self.template_knows_tools
         kwargs = {"tools": tools} if tools and knows_tools else {}
         try:
@@ -463,8 +479,10 @@ class OpenAIServing:
             _, ids = await self.render_chat(request.messages, request.add_generation_prompt,
                                             tool_dicts(request.tools))
         else:
-            ids = await self._need_tokenizer("tokenize").encode(
-                request.prompt, add_special_tokens=request.add_special_tokens)
+            tokenizer = self._need_tokenizer("tokenize")
+            self.check_chars(len(request.prompt), "prompt")
+            ids = await tokenizer.encode(request.prompt,
+                                         add_special_tokens=request.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
 
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
@@ -481,11 +499,13 @@ class OpenAIServing:
             prompt = [prompt]
         if not prompt:
             raise APIError("prompt must not be empty", param="prompt")
+        for p in prompt:  # all of them before tokenizing any
+            if isinstance(p, str):
+                self.check_chars(len(p), "prompt")
         prompts = []
         for p in prompt:
             if isinstance(p, str):
-                ids = await self._need_tokenizer("text prompts").encode(p)
-                prompts.append((p, ids))
+                prompts.append((p, await self._need_tokenizer("text prompts").encode(p)))
             else:
                 if not p:
                     raise APIError("prompt must not be empty", param="prompt")

@@ -198,3 +198,31 @@ def test_invalid_unicode_is_a_400_naming_the_field(server, path, body, field):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == field and "Unicode" in error["message"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "a " * 60_000, "max_tokens": 2}),
+    ("/v1/completions", {"prompt": ["hi", "a " * 60_000], "max_tokens": 2}),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "a " * 60_000}]}),
+    ("/tokenize", {"prompt": "a " * 60_000}),
+])
+def test_text_too_long_for_the_context_is_refused_before_tokenizing(server, path, body):
+    """More characters than the context's tokens can hold (its longest token's length
+    times max_model_len, with room to spare) is a 400 at once: tokenizing megabytes would
+    hold the tokenizer thread for as many seconds."""
+    app = build_app(server.async_engine, [MODEL_NAME])
+    serving = app.state.serving
+    assert 2 * 60_000 > serving.max_prompt_chars  # 256 tokens x 4 x the longest token
+    calls = []
+    tokenizer = serving.tokenizer
+    original = tokenizer.encode, tokenizer.render_chat
+    tokenizer.encode = lambda *a, **k: calls.append("encode")
+    tokenizer.render_chat = lambda *a, **k: calls.append("render_chat")
+    try:
+        response = TestClient(app).post(path, json=body)
+    finally:
+        tokenizer.encode, tokenizer.render_chat = original
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+    assert calls == []
