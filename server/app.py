@@ -37,6 +37,7 @@ from pagedserve.server.serving import OpenAIServing, OpenAIServingEmbedding
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context
+DEFAULT_BODY_TIMEOUT_S = 30.0  # for the whole body to arrive
 
 
 def _package_version() -> str:
@@ -133,28 +134,36 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodySizeLimitMiddleware:
-    """413 for request bodies over `max_bytes`: by Content-Length, or for a chunked body by
-    reading it here first (FastAPI would turn an error while it reads into a 400)."""
+class RequestBodyMiddleware:
+    """Reads every request body here, before the app: 413 for one over `max_bytes` (by
+    Content-Length, or as a chunked body streams in; FastAPI would turn an error while it
+    reads into a 400), 408 for one that takes longer than `timeout_s` to arrive (a client
+    trickling its body would hold a connection forever)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit():
-            if int(length) > self.max_bytes:
-                await self._too_large(scope, receive, send)
-                return
-            await self.app(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(scope, receive, send)
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                await error_response(APIError(
+                    f"The request body did not arrive within {self.timeout_s:g} s", 408,
+                    code="request_timeout"))(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client left mid-body
                 return
             chunks.append(message.get("body", b""))
@@ -187,12 +196,13 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
               embedding_engine: AsyncEmbeddingEngine | None = None,
               embedding_model_name: str | None = None,
               tool_call_parser: str = "hermes", protect_metrics: bool = False,
-              enable_docs: bool = True) -> FastAPI:
+              enable_docs: bool = True,
+              body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine (and, for /v1/embeddings, an
     AsyncEmbeddingEngine); shuts them down when the app stops (its lifespan).
     `tool_call_parser`: how tool calls are read from tool_choice "auto" output.
     `protect_metrics`: /metrics needs the API key too. `enable_docs`: serve /docs, /redoc
-    and /openapi.json."""
+    and /openapi.json. `body_timeout_s`: how long a request's body may take to arrive."""
     metrics = ServerMetrics(async_engine)
     serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics,
                             tool_parser=tool_call_parser)
@@ -211,7 +221,8 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
     app.state.serving = serving
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, protect_metrics=protect_metrics)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)  # outermost
+    app.add_middleware(RequestBodyMiddleware, max_bytes=max_body_bytes,  # outermost
+                       timeout_s=body_timeout_s)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -166,7 +166,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedding_engine = load_embedding_engine(args, logger)
     app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
                     embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser,
-                    protect_metrics=args.protect_metrics, enable_docs=not args.disable_docs)
+                    protect_metrics=args.protect_metrics, enable_docs=not args.disable_docs,
+                    body_timeout_s=args.request_body_timeout)
     logger.info("Serving %s (max_model_len=%d) on http://%s:%d/v1%s", ", ".join(names),
                    async_engine.model_info.max_model_len, args.host, args.port,
                    " (API key required)" if args.api_key else "")
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --api-key: require the key on /metrics too")
     serve.add_argument("--disable-docs", action="store_true",
                        help="serve no /docs, /redoc or /openapi.json")
+    serve.add_argument("--request-body-timeout", type=float, default=30.0, metavar="S",
+                       help="answer 408 to a request whose body takes longer to arrive")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="answer 503 when this many requests already wait (default: no cap)")
     serve.add_argument("--chat-template", default=None,

@@ -226,3 +226,34 @@ def test_text_too_long_for_the_context_is_refused_before_tokenizing(server, path
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
     assert calls == []
+
+
+def test_a_body_that_trickles_in_too_slowly_is_a_408():
+    """A client that sends its body a byte now and then cannot hold a connection: the
+    whole body has a deadline."""
+    import asyncio
+
+    from pagedserve.server.app import RequestBodyMiddleware
+
+    async def app(scope, receive, send):  # what would run if the body had arrived
+        raise AssertionError("the app ran")
+
+    sent = []
+
+    async def main():
+        async def trickle():
+            await asyncio.sleep(0.05)
+            return {"type": "http.request", "body": b"{", "more_body": True}
+
+        async def send(message):
+            sent.append(message)
+
+        middleware = RequestBodyMiddleware(app, max_bytes=1 << 20, timeout_s=0.3)
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+                 "headers": [(b"content-type", b"application/json")]}
+        await asyncio.wait_for(middleware(scope, trickle, send), 5)
+
+    asyncio.run(main())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 408 and json.loads(body)["error"]["code"] == "request_timeout"
