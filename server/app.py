@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedserve.engine.async_engine import AsyncEngine
@@ -48,8 +49,10 @@ def _package_version() -> str:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    # Overloaded (503) or rate-limited (429): say when to come back, as OpenAI's API does.
-    headers = {"Retry-After": "1"} if error.status_code in (429, 503) else None
+    # Overloaded or rate-limited: say when to come back, as OpenAI's API does (not when
+    # the engine is dead: no retry helps).
+    retry = error.status_code == 429 or error.code == "engine_overloaded"
+    headers = {"Retry-After": "1"} if retry else None
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
@@ -105,7 +108,7 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool = False) -> None:
         self.app = app
-        self.expected = api_key.encode()
+        self.expected = api_key.strip().encode()
         self.prefixes = ("/v1", "/tokenize", "/detokenize") + (
             ("/metrics",) if protect_metrics else ())
 
@@ -113,8 +116,9 @@ class APIKeyMiddleware:
         return any(path == p or path.startswith(p + "/") for p in self.prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The path as routing sees it: under a root_path, scope["path"] carries the prefix.
         if (scope["type"] == "http" and scope["method"] != "OPTIONS"
-                and self._guarded(scope["path"])):
+                and self._guarded(get_route_path(scope))):
             given = [v for k, v in scope["headers"] if k == b"authorization"]
             error = None
             if len(given) > 1:
@@ -172,13 +176,15 @@ class RequestBodyMiddleware:
             if size > self.max_bytes:
                 await self._too_large(scope, receive, send)
                 return
-        replayed = False
+        body: bytes | None = b"".join(chunks)
+        chunks.clear()  # one copy of the body, not two, while the request runs
 
         async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            nonlocal body
+            if body is not None:
+                message = {"type": "http.request", "body": body, "more_body": False}
+                body = None
+                return message
             return await receive()  # then disconnect notices, as usual
 
         await self.app(scope, replay, send)
@@ -219,10 +225,11 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
     docs = {} if enable_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="pagedserve", version=_package_version(), lifespan=lifespan, **docs)
     app.state.serving = serving
+    # The last added runs first: the key is checked before any body is read.
+    app.add_middleware(RequestBodyMiddleware, max_bytes=max_body_bytes,
+                       timeout_s=body_timeout_s)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, protect_metrics=protect_metrics)
-    app.add_middleware(RequestBodyMiddleware, max_bytes=max_body_bytes,  # outermost
-                       timeout_s=body_timeout_s)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

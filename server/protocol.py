@@ -28,16 +28,13 @@ def first_invalid_text(value: Any, path: str = "") -> tuple[str, int] | None:
         except UnicodeEncodeError as exc:
             return path, exc.start
         return None
-    if isinstance(value, BaseModel):
-        items = ((name, getattr(value, name)) for name in type(value).model_fields)
-    elif isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
+    items = _items(value)
+    if items is None:
         return None
     for key, item in items:
-        inner = f"{path}.{key}" if path else str(key)
+        # The path names keys as the client wrote them, escaped: it goes into the error.
+        shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
+        inner = f"{path}.{shown}" if path else str(shown)
         found = (isinstance(key, str) and first_invalid_text(key, inner)
                  or first_invalid_text(item, inner))
         if found:
@@ -45,17 +42,27 @@ def first_invalid_text(value: Any, path: str = "") -> tuple[str, int] | None:
     return None
 
 
+def _items(value: Any):
+    """(key, item) pairs under a model (by wire name, extra fields too), dict or list."""
+    if isinstance(value, BaseModel):
+        fields = [(info.alias or name, getattr(value, name))
+                  for name, info in type(value).model_fields.items()]
+        return fields + list((value.model_extra or {}).items())
+    if isinstance(value, dict):
+        return value.items()
+    if isinstance(value, list | tuple):
+        return enumerate(value)
+    return None
+
+
 def text_chars(value: Any) -> int:
     """How many characters of text `value` (a model, or lists and dicts of them) holds."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, BaseModel):
-        return sum(text_chars(getattr(value, name)) for name in type(value).model_fields)
     if isinstance(value, dict):
         return sum(text_chars(k) + text_chars(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return sum(text_chars(v) for v in value)
-    return 0
+    items = _items(value)
+    return 0 if items is None else sum(text_chars(v) for _, v in items)
 
 
 class RequestModel(OpenAIBaseModel):

@@ -139,6 +139,7 @@ def test_health_is_503_when_the_engine_is_dead(real_engine):
                                   [MODEL_NAME]))
     response = client.get("/health")
     assert response.status_code == 503 and response.json()["error"]["type"]
+    assert "retry-after" not in response.headers  # no retry brings a dead engine back
 
 
 def test_no_chat_template_is_a_clear_400(real_engine):
@@ -257,3 +258,39 @@ def test_a_body_that_trickles_in_too_slowly_is_a_408():
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     assert start["status"] == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "hi", "logit_bias": {"\ud800": 1}}, "logit_bias.\\ud800"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"\udc00": {}}}}}},
+     "response_format.json_schema.schema.properties.\\udc00"),
+])
+def test_invalid_unicode_in_a_key_is_a_400_too(server, body, field):
+    client = TestClient(build_app(server.async_engine, [MODEL_NAME]))
+    response = client.post("/v1/completions", content=json.dumps({"max_tokens": 2, **body}),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_extra_message_fields_are_checked_too(server):
+    client = TestClient(build_app(server.async_engine, [MODEL_NAME]))
+    body = {**CHAT, "messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}
+    response = client.post("/v1/chat/completions", content=json.dumps(body),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.name"
+
+
+def test_the_key_is_checked_under_a_root_path_and_before_the_body(server):
+    # Behind `uvicorn --root-path /api`, a request's path carries the prefix.
+    client = TestClient(build_app(server.async_engine, [MODEL_NAME], api_key="s3cret"),
+                        root_path="/api")
+    for path in ("/api/v1/models", "/api/tokenize"):
+        assert client.post(path, json={"prompt": "hi"}).status_code == 401, path
+    ok = client.get("/api/v1/models", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    # No key, a body over the limit: 401 (the body is never read), not 413.
+    big = TestClient(build_app(server.async_engine, [MODEL_NAME], api_key="s3cret",
+                               max_body_bytes=100))
+    assert big.post("/v1/completions", json={"prompt": "x" * 500}).status_code == 401
