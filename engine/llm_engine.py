@@ -159,7 +159,9 @@ class LLMEngine:
         self._runner_thread = (ThreadPoolExecutor(1, thread_name_prefix="pagedserve-runner")
                                if self.async_scheduling and device.type == "cpu" else None)
         self._in_flight: _Launched | None = None
-        self._deferred_outputs: list[RequestOutput] = []  # of a step finished between steps
+        # Outputs not yet returned by step(): of a step finished between two calls (an id
+        # reused), or made before a step failed.
+        self._deferred_outputs: list[RequestOutput] = []
         logger.info("Engine ready in %.1fs: %s on %s (%s), max_model_len=%d",
                     time.perf_counter() - start, model_dir, self.model_runner.device,
                     self.model_runner.dtype, self.max_model_len)
@@ -305,13 +307,15 @@ class LLMEngine:
         When a step is finished early (that, or an id reused), one call can return two
         steps' outputs of a request, in order."""
         try:
-            return self._step()
+            self._step(self._deferred_outputs)
         except Exception as exc:
-            self._fail_unfinished(exc)
+            self._fail_unfinished(exc)  # what was ready stays, for the next call
             raise
-
-    def _step(self) -> list[RequestOutput]:
         outputs, self._deferred_outputs = self._deferred_outputs, []
+        return outputs
+
+    def _step(self, outputs: list[RequestOutput]) -> None:
+        """One step; the outputs that become ready are appended to `outputs`."""
         in_flight, self._in_flight = self._in_flight, None
         overlap = self.async_scheduling and not self._num_guided
         if in_flight is not None and not overlap:
@@ -330,7 +334,6 @@ class LLMEngine:
                 self._in_flight = launched
             else:
                 outputs += self._finish_step(launched)
-        return outputs
 
     def _fail_unfinished(self, exc: Exception) -> None:
         """A step raised. Progress was counted when it was scheduled, and the runner may be
