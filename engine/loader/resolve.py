@@ -52,11 +52,30 @@ def gguf_cache_path(gguf_path: str | os.PathLike) -> pathlib.Path:
     return pagedserve_cache_dir() / "gguf" / f"{digest[:20]}-c{CONVERTER_VERSION}"
 
 
+# A conversion's staging directory (see convert_gguf_to_hf_dir) older than this belongs to
+# a process that died mid-conversion: no conversion takes anywhere near as long.
+_STALE_STAGING_S = 3600
+
+
+def remove_stale_staging(cache_dir: pathlib.Path, max_age_s: float = _STALE_STAGING_S) -> None:
+    """Remove staging directories (`.<name>.tmp-*`) that a killed conversion left behind
+    in `cache_dir`, once they are older than max_age_s; younger ones may be in use."""
+    now = time.time()
+    for staging in cache_dir.glob(".*.tmp-*"):
+        try:
+            if staging.is_dir() and now - staging.stat().st_mtime > max_age_s:
+                logger.info("Removing %s, left by an interrupted conversion", staging)
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:  # removed by another process meanwhile
+            pass
+
+
 def _resolve_gguf(gguf_path: pathlib.Path) -> pathlib.Path:
     from pagedserve.engine.loader.gguf import convert_gguf_to_hf_dir
 
     start = time.perf_counter()
     out_dir = gguf_cache_path(gguf_path)
+    remove_stale_staging(out_dir.parent)
     if _is_complete(out_dir):
         logger.info("Using cached conversion of %s at %s", gguf_path, out_dir)
         return out_dir

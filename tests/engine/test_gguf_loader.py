@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, before transformers loads
 
@@ -406,6 +407,20 @@ def test_resolve_reconverts_a_damaged_cache_entry(cache_dir, tiny_gguf):
     (hf_dir / "model.safetensors").unlink()
     assert resolve_model(tiny_gguf) == hf_dir
     assert (hf_dir / "model.safetensors").is_file()
+
+
+def test_resolve_removes_staging_that_a_killed_conversion_left(cache_dir, tiny_gguf):
+    """kill -9 mid-conversion leaves its staging directory (~94 MB for SmolLM2): the next
+    resolve removes it once it is an hour old, and leaves a younger one, maybe in use."""
+    gguf_dir = cache_dir / "gguf"
+    stale, fresh = gguf_dir / ".abc-c1.tmp-dead", gguf_dir / ".abc-c1.tmp-busy"
+    for staging in (stale, fresh):
+        staging.mkdir(parents=True)
+        (staging / "model.safetensors").write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    resolve_model(tiny_gguf)
+    assert not stale.exists() and fresh.is_dir()
 
 
 def test_resolve_directory_and_bad_inputs(tmp_path):
