@@ -10,8 +10,9 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo, PromptType
@@ -19,10 +20,15 @@ from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.tokenization import AsyncTokenizer
 
+if TYPE_CHECKING:
+    from pagedserve.engine.structured_output import StructuredOutputManager
+
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineStats",
            "ModelInfo", "RequestFailedError"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S = 5.0
 
 
 class EngineOverloadedError(RuntimeError):
@@ -58,6 +64,8 @@ class _Add:
     params: SamplingParams
     stream: _Stream
     accepted: Future  # the result of add_request, for the caller
+    # Its grammar already compiled in here (guided requests): the engine takes it.
+    structured_output: StructuredOutputManager | None = None
 
 
 @dataclass(slots=True)
@@ -74,11 +82,22 @@ class _Stop:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, max_waiting_requests: int | None = None, *,
-                 engine: LLMEngine | None = None) -> None:
-        """`engine`: drive an LLMEngine already built (then `config` is not used)."""
+                 engine: LLMEngine | None = None,
+                 grammar_compile_timeout: float = DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S) -> None:
+        """`engine`: drive an LLMEngine already built (then `config` is not used).
+        `grammar_compile_timeout`: seconds a guided request's grammar may take to compile
+        (on a thread of its own, never the engine's) before the request is refused."""
         if max_waiting_requests is not None and max_waiting_requests < 1:
             raise ValueError(
                 f"max_waiting_requests must be >= 1 or None, got {max_waiting_requests}")
+        if not grammar_compile_timeout > 0:
+            raise ValueError(
+                f"grammar_compile_timeout must be > 0, got {grammar_compile_timeout}")
+        self.grammar_compile_timeout = grammar_compile_timeout
+        # Grammars compile here, not on the engine thread, where a slow one (a schema
+        # nested hundreds deep takes seconds) would stall every running request.
+        self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="pagedserve-grammar")
+        self._structured_output: StructuredOutputManager | None = None
         self.engine = engine if engine is not None else LLMEngine(config)
         self.max_waiting_requests = max_waiting_requests
         # Fixed once loaded, so callers read them without asking the engine thread.
@@ -107,9 +126,12 @@ class AsyncEngine:
         aborts the request; use `contextlib.aclosing` so that a `break` closes it
         at once rather than when it is garbage-collected."""
         self._check_alive()
+        manager = None
+        if params.guided_decoding is not None:
+            manager = await self._compile_grammar(params.guided_decoding)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         accepted: Future = Future()
-        self._commands.put(_Add(request_id, prompt, params, stream, accepted))
+        self._commands.put(_Add(request_id, prompt, params, stream, accepted, manager))
         finished = False
         try:
             await asyncio.wrap_future(accepted)
@@ -124,6 +146,29 @@ class AsyncEngine:
         finally:
             if not finished:  # client gone, timeout, or an error: the engine drops it
                 self._commands.put(_Abort(request_id, stream, None))
+
+    async def _compile_grammar(self, guided) -> StructuredOutputManager | None:
+        """Compile the request's grammar into the shared manager's cache (where the engine's
+        add_request finds it), off the engine thread and within grammar_compile_timeout.
+        ValueError naming the problem, as the engine would raise it, or if it takes too
+        long (the compilation then finishes in the background, and is cached)."""
+        if self._tokenizer is None:
+            return None  # the engine refuses it: it has no tokenizer either
+        if self._structured_output is None:
+            # Built with the callers' copy of the tokenizer, on the thread that owns it.
+            manager = await self._tokenizer.run_with_tokenizer(self.engine.new_structured_output)
+            if self._structured_output is None:
+                self._structured_output = manager
+        manager = self._structured_output
+        compiling = asyncio.get_running_loop().run_in_executor(
+            self._grammar_pool, manager.compile, guided)
+        try:
+            await asyncio.wait_for(asyncio.shield(compiling), self.grammar_compile_timeout)
+        except TimeoutError:
+            raise ValueError(
+                f"invalid guided_decoding.{guided.kind}: it did not compile within "
+                f"{self.grammar_compile_timeout:g} s; simplify it") from None
+        return manager
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (its generate() ends with finish_reason "abort"); returns once
@@ -154,6 +199,7 @@ class AsyncEngine:
         await asyncio.to_thread(self._thread.join)
         if self._tokenizer is not None:
             self._tokenizer.close()
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -209,6 +255,8 @@ class AsyncEngine:
                     raise EngineOverloadedError(
                         f"{waiting} requests are already waiting (max_waiting_requests="
                         f"{cap}); try again later")
+                if command.structured_output is not None:
+                    self.engine.use_structured_output(command.structured_output)
                 self.engine.add_request(command.request_id, command.prompt, command.params)
             except Exception as exc:  # bad input is the caller's error, not the loop's
                 command.accepted.set_exception(exc)

@@ -251,10 +251,21 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError(
                     "guided decoding needs the tokenizer (skip_tokenizer_init is set)")
-            self.structured_output = StructuredOutputManager(
-                self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids,
-                self.config.max_num_seqs, self.model_runner.device)
+            self.structured_output = self.new_structured_output(self.tokenizer)
         return self.structured_output
+
+    def new_structured_output(self, tokenizer) -> StructuredOutputManager:
+        """A structured-output manager for this model, built from `tokenizer` (a copy of
+        the engine's, when another thread builds it). Install it with use_structured_output
+        on the engine's thread; compile() on it may be called from any thread."""
+        return StructuredOutputManager(tokenizer, self.hf_config.vocab_size,
+                                       self.eos_token_ids, self.config.max_num_seqs,
+                                       self.model_runner.device)
+
+    def use_structured_output(self, manager: StructuredOutputManager) -> None:
+        """Take `manager` (see new_structured_output) unless the engine has one already."""
+        if self.structured_output is None:
+            self.structured_output = manager
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class StructuredOutputManager:
             info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False
         )
         self._cache: OrderedDict[tuple, xgrammar.CompiledGrammar] = OrderedDict()
+        # compile() is called from the server's compile threads and the engine thread.
+        self._cache_lock = threading.Lock()
         self.num_compilations = 0  # cache misses, for tests and stats
         # Rows are sampled-batch positions, and a batch never has more than max_num_seqs.
         self._bitmask = xgr.allocate_token_bitmask(max_num_seqs, vocab_size)
@@ -87,19 +90,21 @@ class StructuredOutputManager:
             raise ValueError(
                 f"invalid guided_decoding.{guided.kind}: not serialisable as JSON: {exc}"
             ) from None
-        compiled = self._cache.get(key)
-        if compiled is not None:
-            self._cache.move_to_end(key)
-            return compiled
+        with self._cache_lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
         try:
-            compiled = self._compile(guided)
+            compiled = self._compile(guided)  # outside the lock: it may take seconds
         except (RuntimeError, ValueError, TypeError) as exc:
             message = _XGRAMMAR_ERROR_PREFIX.sub("", str(exc).strip())
             raise ValueError(f"invalid guided_decoding.{guided.kind}: {message}") from None
-        self.num_compilations += 1
-        self._cache[key] = compiled
-        if len(self._cache) > _MAX_CACHED_GRAMMARS:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self.num_compilations += 1
+            self._cache[key] = compiled
+            if len(self._cache) > _MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
         return compiled
 
     def _compile(self, guided: GuidedDecodingParams) -> xgrammar.CompiledGrammar:

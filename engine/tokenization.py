@@ -31,6 +31,10 @@ class AsyncTokenizer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
+    async def run_with_tokenizer(self, fn: Callable[[Any], T]) -> T:
+        """fn(tokenizer) on the worker thread, with this copy of the tokenizer."""
+        return await self._run(fn, self._tokenizer)
+
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._run(self._encode, text, add_special_tokens)
 

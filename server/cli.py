@@ -162,7 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     chat_template = read_chat_template(args.chat_template)
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
     async_engine = AsyncEngine(EngineConfig(**engine_kwargs(args)),
-                               max_waiting_requests=args.max_waiting_requests)
+                               max_waiting_requests=args.max_waiting_requests,
+                               grammar_compile_timeout=args.structured_output_compile_timeout)
     embedding_engine = load_embedding_engine(args, logger)
     app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
                     embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser,
@@ -214,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve no /docs, /redoc or /openapi.json")
     serve.add_argument("--request-body-timeout", type=float, default=30.0, metavar="S",
                        help="answer 408 to a request whose body takes longer to arrive")
+    serve.add_argument("--structured-output-compile-timeout", type=float, default=5.0,
+                       metavar="S",
+                       help="answer 400 to a guided request whose schema, regex or grammar "
+                            "takes longer to compile (compiling runs beside the engine, "
+                            "which goes on serving everyone else)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="answer 503 when this many requests already wait (default: no cap)")
     serve.add_argument("--chat-template", default=None,

@@ -124,3 +124,36 @@ def test_json_object_with_the_real_model(real_server):
     assert isinstance(json.loads(whole.choices[0].message.content), dict)
     texts, reasons = streamed_texts(client.chat.completions.create(**kwargs, stream=True))
     assert texts == [whole.choices[0].message.content] and reasons == ["stop"]
+
+
+def nested_schema(depth: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def test_a_grammar_too_slow_to_compile_is_a_400_and_stalls_nobody(long_server, long_http,
+                                                                  long_client):
+    """Grammars compile beside the engine thread, within a time limit: a schema nested 100
+    deep (~0.1 s here; 300 deep takes ~9 s) against a 1 ms limit is a 400 naming the
+    field, while a stream started before it runs on to its end."""
+    engine = long_server.async_engine
+    stream = long_client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=40, temperature=0, stream=True)
+    first = next(iter(stream))  # the stream is running
+    limit, engine.grammar_compile_timeout = engine.grammar_compile_timeout, 0.001
+    try:
+        message = invalid(long_http.post("/v1/chat/completions", json={
+            "model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 8,
+            "guided_json": nested_schema(100)}), "guided_json")
+    finally:
+        engine.grammar_compile_timeout = limit
+    assert "did not compile within" in message
+    reasons = [c.choices[0].finish_reason for c in [first, *stream] if c.choices]
+    assert reasons[-1] == "length"
+    # Guided requests go on working, with the limit back as it was.
+    ok = long_http.post("/v1/chat/completions", json={
+        "model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 200, "temperature": 0,
+        "guided_json": nested_schema(3)})
+    assert ok.status_code == 200, ok.text
