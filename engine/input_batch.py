@@ -9,7 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedserve.engine.sampler import SamplingRows, host_to_device, penalty_rows, penalty_state
+from pagedserve.engine.sampler import (
+    SamplingRows,
+    has_penalty,
+    host_to_device,
+    penalty_rows,
+    penalty_state,
+)
 from pagedserve.engine.sampling_params import SamplingParams
 
 
@@ -129,8 +135,8 @@ class InputBatch:
 
     def _penalised(self, row: int) -> bool:
         s = self.sampling
-        return bool(s.repetition_penalty[row] != 1.0 or s.frequency_penalty[row] != 0.0
-                    or s.presence_penalty[row] != 0.0)
+        return bool(has_penalty(s.repetition_penalty[row], s.frequency_penalty[row],
+                                s.presence_penalty[row]))
 
     def _init_penalty_row(self, row: int, prompt: list[int], output: list[int]) -> None:
         if self.output_counts is None:
@@ -297,9 +303,7 @@ class InputBatch:
                        states: dict[str, CachedRequestState]) -> None:
         """Write sampled tokens where reserve_sampled put them: into the request's row, or
         into its state if it was preempted since (finished ones are dropped)."""
-        index = self.req_id_to_index
-        rows = np.fromiter((index.get(r, -1) for r in req_ids), dtype=np.int64,
-                           count=len(req_ids))
+        rows = self._rows_of(req_ids)
         here = rows >= 0
         tokens = np.asarray(token_ids, dtype=np.int32)
         self.token_ids[rows[here], positions[here]] = tokens[here]
@@ -308,13 +312,17 @@ class InputBatch:
             if state is not None:
                 state.output_token_ids[positions[i] - len(state.prompt_token_ids)] = token_ids[i]
 
+    def _rows_of(self, req_ids: list[str]) -> np.ndarray:
+        """Each request's row, -1 for one without a row (preempted or finished)."""
+        index = self.req_id_to_index
+        return np.fromiter((index.get(r, -1) for r in req_ids), dtype=np.int64,
+                           count=len(req_ids))
+
     def in_flight_inputs(self, step: StepInputs, req_ids: list[str],
                          positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Of the tokens still being sampled for `req_ids` at `positions`, those this step
         takes as inputs: (their flat indices in the step, their indices in req_ids)."""
-        index = self.req_id_to_index
-        rows = np.fromiter((index.get(r, -1) for r in req_ids), dtype=np.int64,
-                           count=len(req_ids))
+        rows = self._rows_of(req_ids)
         step_index = np.full(self.max_num_reqs + 1, -1)  # row -> its place in the step
         step_index[step.rows] = np.arange(len(step.rows))
         i = step_index[rows]  # a request with no row (-1) reads the last entry: -1

@@ -201,10 +201,16 @@ class SamplingMetadata:
         return meta
 
 
+def has_penalty(repetition, frequency, presence):
+    """Whether a repetition, frequency or presence penalty applies: elementwise on arrays
+    of the knobs, or for one row's values."""
+    return (repetition != 1.0) | (frequency != 0.0) | (presence != 0.0)
+
+
 def penalty_rows(rows: SamplingRows) -> np.ndarray:
     """Batch rows with a repetition, frequency or presence penalty, ascending."""
-    return np.flatnonzero((rows.repetition_penalty != 1.0) | (rows.frequency_penalty != 0.0)
-                          | (rows.presence_penalty != 0.0))
+    return np.flatnonzero(has_penalty(rows.repetition_penalty, rows.frequency_penalty,
+                                      rows.presence_penalty))
 
 
 def penalty_state(prompt_token_ids: Sequence[Sequence[int]],
