@@ -503,12 +503,8 @@ class LLMEngine:
         kind, children = parent.output_kind, parent.children
         first = children[0]
         if kind is RequestOutputKind.DELTA:
-            if len(children) == 1:
-                completion = self._delta_completion(parent, 0, first)
-                completions = [] if completion is None else [completion]
-            else:
-                completions = [c for i, req in enumerate(children)
-                               if (c := self._delta_completion(parent, i, req)) is not None]
+            completions = [c for i, req in enumerate(children)
+                           if (c := self._delta_completion(parent, i, req)) is not None]
             if not completions:
                 return None
             prompt_logprobs = None if parent.prompt_logprobs_sent else first.prompt_logprobs
