@@ -23,8 +23,8 @@ from pagedserve.engine.tokenization import AsyncTokenizer
 if TYPE_CHECKING:
     from pagedserve.engine.structured_output import StructuredOutputManager
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineStats",
-           "ModelInfo", "RequestFailedError"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineShutDownError",
+           "EngineStats", "ModelInfo", "RequestFailedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop died (its cause is chained) or was shut down."""
+
+
+class EngineShutDownError(EngineDeadError):
+    """The engine was shut down (it did not fail); the server answers 503."""
 
 
 class RequestFailedError(RuntimeError):
@@ -205,7 +209,7 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop died: {self._dead!r}") from self._dead
         if self._closed:
-            raise EngineDeadError("the engine is shut down")
+            raise EngineShutDownError("the engine is shut down")
 
     # ---- the engine thread's side ---------------------------------------------------
     def _run(self) -> None:

@@ -49,9 +49,10 @@ def _package_version() -> str:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    # Overloaded or rate-limited: say when to come back, as OpenAI's API does (not when
-    # the engine is dead: no retry helps).
-    retry = error.status_code == 429 or error.code == "engine_overloaded"
+    # Overloaded, rate-limited or going away: say when to come back, as OpenAI's API does
+    # (a balancer retries elsewhere), but not when the engine is dead: no retry helps.
+    retry = error.status_code == 429 or error.code in ("engine_overloaded",
+                                                       "server_shutting_down")
     headers = {"Retry-After": "1"} if retry else None
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 

@@ -157,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pagedserve.engine import EngineConfig
     from pagedserve.engine.async_engine import AsyncEngine
     from pagedserve.server.app import build_app
+    from pagedserve.server.shutdown import GracefulServer
 
     logger = logging.getLogger("pagedserve.serve")
     chat_template = read_chat_template(args.chat_template)
@@ -172,11 +173,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logger.info("Serving %s (max_model_len=%d) on http://%s:%d/v1%s", ", ".join(names),
                    async_engine.model_info.max_model_len, args.host, args.port,
                    " (API key required)" if args.api_key else "")
-    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for up to
-    # --shutdown-timeout seconds, then cancels them (which aborts them in the engine);
-    # the app's lifespan then stops the engine loop.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    # On SIGTERM: stop accepting, let in-flight requests finish for up to
+    # --shutdown-timeout seconds, then abort the rest in the engine (each stream still
+    # ends with a finish_reason and [DONE]); the app's lifespan then stops the engine.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    GracefulServer(config, async_engine, drain_timeout=args.shutdown_timeout).run()
     return 0
 
 
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve no embedding model (/v1/embeddings answers 404)")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds in-flight requests get to finish on SIGTERM before "
-                            "they are aborted")
+                            "they are aborted (streams then end with finish_reason "
+                            "\"abort\" and [DONE], others get a 503); exit status 0")
     serve.set_defaults(func=cmd_serve, log_level="info")
     return parser
 

@@ -19,6 +19,7 @@ from pagedserve.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
     EngineOverloadedError,
+    EngineShutDownError,
     RequestFailedError,
 )
 from pagedserve.engine.embedding import AsyncEmbeddingEngine, InputTooLongError
@@ -90,6 +91,9 @@ def engine_error(exc: BaseException) -> APIError | None:
         return exc
     if isinstance(exc, EngineOverloadedError):
         return APIError(str(exc), 503, "service_unavailable_error", code="engine_overloaded")
+    if isinstance(exc, EngineShutDownError):
+        return APIError(f"The server is shutting down: {exc}", 503,
+                        "service_unavailable_error", code="server_shutting_down")
     if isinstance(exc, EngineDeadError):
         return APIError(str(exc), 500, "server_error", code="engine_dead")
     if isinstance(exc, RequestFailedError):
@@ -321,7 +325,11 @@ class OpenAIServing:
             raise error from None
         finally:
             await merged.aclose()
-        return [final.result() for final in finals]
+        results = [final.result() for final in finals]
+        # The engine aborts a request the client still waits for only when it shuts down.
+        if any(out.finish_reason == "abort" for final in results for out in final.outputs):
+            raise engine_error(EngineShutDownError("the request was aborted before it finished"))
+        return results
 
     async def _stream(self, merged, first, chunks) -> AsyncIterator[str]:
         """SSE framing around `chunks(outputs)`; a mid-stream error becomes an error event."""

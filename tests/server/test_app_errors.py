@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from pagedserve.engine.async_engine import (
     EngineDeadError,
     EngineOverloadedError,
+    EngineShutDownError,
     RequestFailedError,
 )
 from pagedserve.engine.tokenization import AsyncTokenizer
@@ -119,6 +120,7 @@ def test_internal_errors_carry_an_id_not_the_exception(real_engine, caplog):
 @pytest.mark.parametrize("error, status, code", [
     (EngineOverloadedError("10 requests are already waiting"), 503, "engine_overloaded"),
     (EngineDeadError("the engine loop died"), 500, "engine_dead"),
+    (EngineShutDownError("the engine is shut down"), 503, "server_shutting_down"),
     (RequestFailedError("request x failed: RuntimeError"), 500, "request_failed"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
@@ -130,7 +132,7 @@ def test_engine_errors_map_to_status(real_engine, error, status, code, stream):
         assert response.status_code == status, response.text
         assert response.json()["error"]["code"] == code
         assert str(error) in response.json()["error"]["message"]
-        # Overloaded: when to try again, as OpenAI's API says it.
+        # Overloaded or shutting down: when to try again, as OpenAI's API says it.
         assert (response.headers.get("retry-after") == "1") == (status == 503)
 
 

@@ -1,6 +1,7 @@
 """`pagedserve serve` as a process, the way a load balancer or an operator meets it: it
 comes up healthy on the embedded model and exits cleanly on SIGTERM mid-stream."""
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,17 @@ from tests.server.conftest import _free_port
 pytestmark = pytest.mark.slow
 
 
+def _running(base: str) -> float:
+    for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("pagedserve_num_requests_running "):
+            return float(line.split()[1])
+    raise AssertionError("no pagedserve_num_requests_running in /metrics")
+
+
 def test_serve_starts_and_stops_on_sigterm():
+    """SIGTERM mid-request: past --shutdown-timeout, every stream still ends with a chunk
+    that has a finish_reason, then [DONE]; a non-streaming request gets a 503 in OpenAI's
+    JSON; the process exits 0 with no traceback in its log."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pagedserve.server.cli", "serve", "--port", str(port),
@@ -24,6 +35,16 @@ def test_serve_starts_and_stops_on_sigterm():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     base = f"http://127.0.0.1:{port}"
+    long = {"model": "SmolLM2-135M-Instruct", "max_tokens": 2000, "ignore_eos": True}
+    requests = {  # in flight when SIGTERM arrives, none can finish within the timeout
+        "completion stream": ("/v1/completions",
+                              dict(long, prompt="Once upon a time", stream=True)),
+        "chat stream n=2": ("/v1/chat/completions",
+                            dict(long, messages=[{"role": "user", "content": "Hi"}],
+                                 n=2, stream=True)),
+        "completion": ("/v1/completions", dict(long, prompt="Once upon a time")),
+    }
+    answers: dict[str, tuple[int, list[str]]] = {}
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -35,28 +56,24 @@ def test_serve_starts_and_stops_on_sigterm():
                 pass
             assert time.monotonic() < deadline, "server did not become healthy"
             time.sleep(0.2)
-        streamed = []
 
-        def stream_forever():  # an in-flight request when SIGTERM arrives
-            body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time",
-                    "max_tokens": 2000, "ignore_eos": True, "stream": True}
-            try:
-                with httpx.stream("POST", base + "/v1/completions", json=body,
-                                  timeout=60) as response:
-                    for line in response.iter_lines():
-                        streamed.append(line)
-            except httpx.HTTPError:
-                pass
+        def send(name: str, path: str, body: dict) -> None:
+            with httpx.stream("POST", base + path, json=body, timeout=60) as response:
+                answers[name] = (response.status_code, list(response.iter_lines()))
 
-        client = threading.Thread(target=stream_forever, daemon=True)
-        client.start()
-        while not streamed:
-            time.sleep(0.05)
+        clients = [threading.Thread(target=send, args=(name, *request), daemon=True)
+                   for name, request in requests.items()]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 60
+        while _running(base) < 4:  # 1 + 2 + 1 sequences
+            assert time.monotonic() < deadline, "the requests did not start running"
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        # uvicorn re-raises the signal once it has shut down, so the status says SIGTERM.
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-        client.join(timeout=10)
-        assert not client.is_alive()
+        assert proc.wait(timeout=60) == 0
+        for client in clients:
+            client.join(timeout=10)
+            assert not client.is_alive()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -64,3 +81,21 @@ def test_serve_starts_and_stops_on_sigterm():
     log = proc.stdout.read()
     assert f"127.0.0.1:{port}" in log  # start-up says where it listens
     assert "Application shutdown complete" in log, log  # the lifespan ran: engine stopped
+    assert "Traceback" not in log and "CancelledError" not in log, log
+
+    for name in ("completion stream", "chat stream n=2"):
+        status, lines = answers[name]
+        assert status == 200, (name, lines)
+        data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert data[-1] == "[DONE]", (name, data[-3:])
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert all("error" not in chunk for chunk in chunks), (name, chunks[-3:])
+        finished = {choice["index"]: choice["finish_reason"]
+                    for chunk in chunks for choice in chunk["choices"]
+                    if choice.get("finish_reason") is not None}
+        expected = 2 if name.startswith("chat") else 1
+        assert finished == dict.fromkeys(range(expected), "abort"), (name, finished)
+    status, lines = answers["completion"]
+    assert status == 503, lines
+    error = json.loads("".join(lines))["error"]
+    assert error["code"] == "server_shutting_down" and error["message"], error

@@ -1,0 +1,55 @@
+"""Shutting down without tearing a stream.
+
+uvicorn's own graceful shutdown waits for in-flight requests, then cancels their tasks:
+a stream cut that way ends mid-chunk, with no finish_reason and no `[DONE]`, and the
+process then re-raises SIGTERM on itself (exit 143). Here, when the drain time is up, the
+engine aborts what is still running instead: every stream sends its last chunk (with
+finish_reason "abort", as vLLM's does) and `[DONE]`, a non-streaming request gets a 503
+in OpenAI's JSON, and the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+from pagedserve.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+# After the engine aborts, how long the aborted requests get to write their last bytes
+# before uvicorn cancels whatever is left.
+FINAL_WRITE_S = 5.0
+
+
+class GracefulServer(uvicorn.Server):
+    """A uvicorn server that, on SIGTERM or Ctrl-C, stops accepting connections, gives
+    in-flight requests `drain_timeout` seconds to finish, then aborts the rest in the
+    engine so each ends with a proper final message."""
+
+    def __init__(self, config: uvicorn.Config, async_engine: AsyncEngine,
+                 drain_timeout: float) -> None:
+        # uvicorn's cancel is the backstop, after the abort and its final writes.
+        config.timeout_graceful_shutdown = drain_timeout + FINAL_WRITE_S
+        super().__init__(config)
+        self.async_engine = async_engine
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        abort = asyncio.get_running_loop().call_later(
+            self.drain_timeout, lambda: asyncio.ensure_future(self._abort_in_flight()))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            abort.cancel()
+        if not self.force_exit:
+            # Shut down as asked: exit 0, not by re-raising the signal on ourselves.
+            self._captured_signals.clear()
+
+    async def _abort_in_flight(self) -> None:
+        stats = self.async_engine.stats()
+        logger.info("shutdown timeout reached: aborting %d in-flight requests",
+                    stats.num_running + stats.num_waiting)
+        await self.async_engine.shutdown(abort_in_flight=True)
