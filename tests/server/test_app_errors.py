@@ -296,3 +296,51 @@ def test_the_key_is_checked_under_a_root_path_and_before_the_body(server):
     big = TestClient(build_app(server.async_engine, [MODEL_NAME], api_key="s3cret",
                                max_body_bytes=100))
     assert big.post("/v1/completions", json={"prompt": "x" * 500}).status_code == 401
+
+
+def test_huge_inputs_do_not_stall_a_running_stream(server):
+    """A 10 MB /tokenize (refused by its length in characters) and one just inside that
+    bound (tokenized in full, on the tokenizer's thread) while streams run: no stream
+    waits more than a second for its next chunk. Before preprocessing moved off the event
+    loop, the 10 MB one froze every stream and /health for ~53 s."""
+    import threading
+    import time
+
+    import httpx
+
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 200, "ignore_eos": True,
+            "stream": True}
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def stream_until_done():  # one stream after another, so one runs throughout
+        while not done.is_set():
+            arrivals = []
+            with httpx.stream("POST", server.base_url + "/v1/completions", json=body,
+                              timeout=60) as response:
+                for _ in response.iter_lines():
+                    arrivals.append(time.monotonic())
+            gaps.extend(b - a for a, b in zip(arrivals, arrivals[1:]))
+
+    streamer = threading.Thread(target=stream_until_done, daemon=True)
+    streamer.start()
+    serving = build_app(server.async_engine, [MODEL_NAME]).state.serving
+    try:
+        with server.http_client() as http:
+            while not gaps:
+                time.sleep(0.01)
+            huge = http.post("/tokenize", json={"prompt": "a " * 5_000_000})  # 10 MB
+            assert huge.status_code == 400, huge.text[:300]
+            assert huge.json()["error"]["code"] == "context_length_exceeded"
+            inside = http.post("/tokenize",
+                               json={"prompt": "ab " * (serving.max_prompt_chars // 3 - 1)})
+            assert inside.status_code == 200 and inside.json()["count"] > 10_000
+            # /chat: rendering the template is the other preprocessing step.
+            chat = http.post("/v1/chat/completions", json={
+                **CHAT, "messages": [{"role": "user", "content": "ab " * 5_000_000}]})
+            assert chat.status_code == 400, chat.text[:300]
+    finally:
+        done.set()
+        streamer.join(timeout=60)
+    assert not streamer.is_alive() and gaps
+    assert max(gaps) < 1.0, f"a stream waited {max(gaps):.2f} s for its next chunk"
