@@ -140,6 +140,14 @@ class EmbeddingEngine:
         self.dim = config.hidden_size
         self.vocab_size = config.vocab_size
         self.pad_token_id = self.tokenizer.pad_token_id or 0
+        # Text longer than this cannot fit max_seq_length, so it is refused before it is
+        # tokenized (10 MB would hold this engine's thread for seconds): no token covers
+        # more characters than the vocabulary's longest, or WordPiece's one [UNK] for a
+        # word of up to max_input_chars_per_word; 4x for normalisation, as the server's.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        unk_word = getattr(getattr(backend, "model", None), "max_input_chars_per_word", 0)
+        token_chars = max(max(map(len, self.tokenizer.get_vocab()), default=1), unk_word)
+        self.max_input_chars = self.max_seq_length * 4 * token_chars
         self._prefix_ids, self._suffix_ids = self._special_token_affixes()
         logger.info("embedding model %s: dim %d, max_seq_length %d, %s pooling%s",
                     self.model_dir, self.dim, self.max_seq_length, self.st_config.pooling_mode,
@@ -160,6 +168,12 @@ class EmbeddingEngine:
         if not inputs:
             raise ValueError("input must not be empty")
         if all(isinstance(x, str) for x in inputs):
+            for i, x in enumerate(inputs):
+                if len(x) > self.max_input_chars:
+                    raise InputTooLongError(
+                        f"This model's maximum context length is {self.max_seq_length} "
+                        f"tokens, however input[{i}] has {len(x)} characters, more than that "
+                        "many tokens can hold. Please reduce the length of the input.")
             # No truncation: an input over the limit is an error, not silently cut.
             ids = self.tokenizer(list(inputs), add_special_tokens=True, truncation=False,
                                  verbose=False).input_ids

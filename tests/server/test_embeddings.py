@@ -12,7 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.server.conftest import ALIAS, EMBEDDING_MODEL_NAME, MODEL_NAME
+from tests.server.conftest import ALIAS, EMBEDDING_MODEL_NAME, MODEL_NAME, assert_openai_error
 
 TEXTS = ["The cat sat on the mat.", "Paged attention keeps the KV cache in blocks.", "hi"]
 
@@ -124,3 +124,26 @@ def build_app_without_embeddings(running):
     from pagedserve.server.app import build_app
 
     return build_app(running.async_engine, [MODEL_NAME])
+
+
+def test_text_too_long_for_the_context_is_refused_before_tokenizing(http, embedding_engine,
+                                                                    monkeypatch):
+    """An input with more characters than max_seq_length tokens can cover is a 400 at once;
+    tokenizing megabytes would hold the embedding thread for seconds. One just inside the
+    bound is tokenized, and refused by its token count."""
+    # WordPiece turns a word of up to 100 characters into one [UNK]: no token covers more.
+    assert embedding_engine.max_input_chars == 256 * 4 * 100
+    calls = []
+    tokenizer = embedding_engine.tokenizer
+    monkeypatch.setattr(embedding_engine, "tokenizer",
+                        lambda *a, **k: calls.append(1) or tokenizer(*a, **k))
+    over = "a" * (embedding_engine.max_input_chars + 1)
+    response = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL_NAME,
+                                                 "input": ["ok", over]})
+    error = assert_openai_error(response, 400, "input")
+    assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+    assert calls == []
+    inside = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL_NAME,
+                                               "input": "a " * 1000})
+    error = assert_openai_error(inside, 400, "input")
+    assert "tokens" in error["message"] and calls == [1]
