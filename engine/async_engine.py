@@ -253,7 +253,7 @@ class AsyncEngine:
                 waiting, cap = self.engine.get_num_waiting_requests(), self.max_waiting_requests
                 n = command.params.n if command.params is not None else 1
                 if cap is not None and n > cap:
-                    raise ValueError(f"n={n} is more sequences than this server queues at once "
+                    raise ValueError(f"SamplingParams.n={n} is more sequences than this server queues at once "
                                      f"(max_waiting_requests={cap})")
                 if cap is not None and waiting + n > cap:
                     raise EngineOverloadedError(

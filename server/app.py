@@ -53,7 +53,9 @@ def error_response(error: APIError) -> JSONResponse:
     # (a balancer retries elsewhere), but not when the engine is dead: no retry helps.
     retry = error.status_code == 429 or error.code in ("engine_overloaded",
                                                        "server_shutting_down")
-    headers = {"Retry-After": "1"} if retry else None
+    headers = {"Retry-After": "1"} if retry else {}
+    if error.status_code == 401:  # the scheme to answer with (RFC 6750)
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.server.errors import APIError
-from pagedserve.server.protocol import ChatCompletionRequest, ChatCompletionTool, ChatMessage
+from pagedserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionTool,
+    ChatMessage,
+    first_invalid_text,
+)
 from pagedserve.server.tool_parsers import GuidedToolCallStream, ToolCallStream, ToolParser
 
 # Hermes 2 Pro's own function-calling system prompt, lightly shortened.
@@ -128,11 +133,14 @@ class ToolPlan:
 
 # ---- messages for the chat template ---------------------------------------------------
 def _arguments_object(arguments: str) -> Any:
-    """HF templates expect a call's arguments as a mapping; OpenAI sends JSON text."""
+    """HF templates expect a call's arguments as a mapping; OpenAI sends JSON text. Text
+    that is not JSON, or whose escapes spell lone surrogates (no tokenizer takes those),
+    goes to the template as the text it is."""
     try:
-        return json.loads(arguments)
+        parsed = json.loads(arguments)
     except ValueError:
         return arguments
+    return arguments if first_invalid_text(parsed) else parsed
 
 
 def _hermes_call(call) -> str:

@@ -59,6 +59,7 @@ def test_api_key_guards_v1_and_tokenization(server):
                          client.post("/detokenize", json={"tokens": [1]}, headers=headers)):
             assert response.status_code == 401, (headers, response.request.url)
             assert response.json()["error"]["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
     for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme in any case (RFC 7235)
         ok = client.get("/v1/models", headers={"Authorization": f"{scheme} s3cret"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL_NAME
@@ -344,3 +345,20 @@ def test_huge_inputs_do_not_stall_a_running_stream(server):
         streamer.join(timeout=60)
     assert not streamer.is_alive() and gaps
     assert max(gaps) < 1.0, f"a stream waited {max(gaps):.2f} s for its next chunk"
+
+
+def test_n_beyond_the_waiting_cap_is_a_400_naming_n(server):
+    """A request whose n alone exceeds --max-waiting-requests can never be queued: 400 on
+    `n` (not a 503 to retry), while a smaller n fits."""
+    engine = server.async_engine
+    client = TestClient(build_app(engine, [MODEL_NAME]))
+    cap, engine.max_waiting_requests = engine.max_waiting_requests, 2
+    try:
+        response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 3})
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
+    finally:
+        engine.max_waiting_requests = cap
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "n" and "max_waiting_requests=2" in error["message"]
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2

@@ -164,6 +164,20 @@ def test_multi_turn_with_tool_results(long_client, long_http):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+def test_call_arguments_whose_escapes_spell_a_lone_surrogate_pass_as_text(long_http):
+    """The arguments are JSON text; one escaping a lone surrogate ("\\ud800") is valid
+    text but parses into a string no tokenizer takes: the template gets the text as sent
+    (it was a vague 400 "cannot apply the chat template")."""
+    arguments = '{"city": "Oslo \\ud800"}'
+    history = [HISTORY[0], {**HISTORY[1], "tool_calls": [
+        {**HISTORY[1]["tool_calls"][0], "function": {"name": "get_weather",
+                                                     "arguments": arguments}}]}, *HISTORY[2:]]
+    response = long_http.post("/tokenize", json={"messages": history, "tools": TOOLS})
+    assert response.status_code == 200, response.text
+    prompt = long_http.post("/detokenize", json={"tokens": response.json()["tokens"]})
+    assert json.dumps(arguments)[1:-1] in prompt.json()["prompt"]
+
+
 TOOL_TEMPLATE = (
     "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}|{% endif %}"
     "{% for m in messages %}{{ m.role }}: {{ m.content }}"
