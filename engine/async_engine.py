@@ -253,8 +253,8 @@ class AsyncEngine:
                 waiting, cap = self.engine.get_num_waiting_requests(), self.max_waiting_requests
                 n = command.params.n if command.params is not None else 1
                 if cap is not None and n > cap:
-                    raise ValueError(f"SamplingParams.n={n} is more sequences than this server queues at once "
-                                     f"(max_waiting_requests={cap})")
+                    raise ValueError(f"SamplingParams.n={n} is more sequences than this "
+                                     f"server queues at once (max_waiting_requests={cap})")
                 if cap is not None and waiting + n > cap:
                     raise EngineOverloadedError(
                         f"{waiting} requests are already waiting (max_waiting_requests="
