@@ -36,10 +36,10 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.async_engine = async_engine
         self.drain_timeout = drain_timeout
+        self._aborting: asyncio.Future | None = None
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        abort = asyncio.get_running_loop().call_later(
-            self.drain_timeout, lambda: asyncio.ensure_future(self._abort_in_flight()))
+        abort = asyncio.get_running_loop().call_later(self.drain_timeout, self._start_abort)
         try:
             await super().shutdown(sockets)
         finally:
@@ -47,6 +47,9 @@ class GracefulServer(uvicorn.Server):
         if not self.force_exit:
             # Shut down as asked: exit 0, not by re-raising the signal on ourselves.
             self._captured_signals.clear()
+
+    def _start_abort(self) -> None:
+        self._aborting = asyncio.ensure_future(self._abort_in_flight())  # held: not GC'd
 
     async def _abort_in_flight(self) -> None:
         stats = self.async_engine.stats()
