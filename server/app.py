@@ -71,11 +71,13 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     for err in errors:
         loc = [str(part) for part in err.get("loc", ()) if part != "body"]
         got = f" (got {err['input']!r:.100})" if loc and "input" in err else ""
-        if err.get("type") == "invalid_unicode":  # a whole-body check that names its field
-            loc = [err["ctx"]["field"]]
+        if "field" in (err.get("ctx") or {}):  # a whole-body check that names its field
+            loc, got = [err["ctx"]["field"]], ""
         field = loc[0] if loc else "body"
+        # An unknown key inside an object (structured_outputs.whitespace_pattern): name it.
+        shown = ".".join(loc) if err.get("type") == "extra_forbidden" else field
         if field not in by_field:
-            by_field[field] = f"{field}: {err.get('msg')}{got}"
+            by_field[field] = f"{shown}: {err.get('msg')}{got}"
     param = next((f for f in by_field if f != "body"), None)
     return APIError("Invalid request: " + "; ".join(by_field.values()), param=param)
 

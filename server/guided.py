@@ -1,5 +1,6 @@
 """A request's structured-output fields -> the engine's GuidedDecodingParams: OpenAI's
-response_format, vLLM's guided_json / guided_regex / guided_choice / guided_grammar, and the
+response_format, vLLM's structured_outputs (>= 0.12) and its older guided_json /
+guided_regex / guided_choice / guided_grammar, and the
 schema a forced tool call brings (server/tools.py). At most one may constrain a request."""
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ def _requested_guides(request: SamplingRequest) -> list[tuple[str, dict[str, Any
         guides.append(("guided_choice", {"choice": request.guided_choice}))
     if request.guided_grammar is not None:
         guides.append(("guided_grammar", {"grammar": request.guided_grammar}))
+    outputs = request.structured_outputs
+    if outputs is not None:
+        kwargs = {kind: value for kind, value in (
+            ("json", outputs.json_schema), ("regex", outputs.regex), ("choice", outputs.choice),
+            ("grammar", outputs.grammar)) if value is not None}
+        if outputs.json_object:
+            kwargs["json_object"] = True
+        if outputs.disable_any_whitespace is False:  # asked for outright: vLLM's layout
+            kwargs["any_whitespace"] = True
+        guides.append(("structured_outputs", kwargs))
     return guides
 
 
@@ -43,8 +54,8 @@ def guided_decoding(request: SamplingRequest, tool_schema: dict[str, Any] | None
         guides = [("tool_choice", {"json": tool_schema})]
     if len(guides) > 1:
         fields = ", ".join(name for name, _ in guides)
-        raise APIError(f"at most one of response_format and the guided_* fields may constrain "
-                       f"a request; got {fields}", param=guides[1][0])
+        raise APIError(f"at most one of response_format, structured_outputs and the guided_* "
+                       f"fields may constrain a request; got {fields}", param=guides[1][0])
     if not guides:
         return None, None
     field, kwargs = guides[0]

@@ -6,7 +6,7 @@ ranges are checked here so a bad value is a 400 that names the field."""
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -114,6 +114,65 @@ class ResponseFormat(OpenAIBaseModel):
         return self
 
 
+class StructuredOutputsParams(OpenAIBaseModel):
+    """vLLM's `structured_outputs` (>= 0.12, where the guided_* fields went): one of json,
+    regex, choice, grammar, json_object. Unknown keys (whitespace_pattern, structural_tag)
+    are a 400 naming them rather than a constraint silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # `json` would shadow a BaseModel attribute; the wire name is still "json".
+    json_schema: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None  # vLLM's default (None): any whitespace
+    disable_fallback: bool = False  # one backend here: there is nothing to fall back to
+    disable_additional_properties: Literal[False] = False
+
+
+# vLLM's (and SGLang's) request extensions this server does not implement, with the values
+# that ask for nothing (what a client that leaves them alone may still send; None always
+# does). Any other value is a 400 naming the field: ignoring it would change the output
+# without a word. (OpenAI fields that change nothing the model writes, such as store,
+# metadata or service_tier, are accepted and ignored: README, "What is ignored".)
+UNSUPPORTED_EXTENSIONS: dict[str, tuple[Any, ...]] = {
+    "priority": (0,), "use_beam_search": (False,), "length_penalty": (1, 1.0),
+    "bad_words": ([],), "allowed_token_ids": (), "truncate_prompt_tokens": (),
+    "prompt_logprobs": (), "logits_processors": (), "spaces_between_special_tokens": (True,),
+    "return_tokens_as_token_ids": (False,), "return_token_ids": (False,), "cache_salt": (),
+    "kv_transfer_params": (), "vllm_xargs": (), "mm_processor_kwargs": (), "documents": (),
+    "chat_template": (), "continue_final_message": (False,), "structural_tag": (),
+    "guided_whitespace_pattern": (), "thinking_token_budget": (), "request_id": (),
+    "lora_request": (), "lora_path": (), "regex": (), "ebnf": (), "json_schema": (),
+    "functions": (), "function_call": (),  # OpenAI's, deprecated for tools
+}
+_UNSUPPORTED_HINTS = {
+    "priority": "this server schedules first come, first served",
+    "functions": "send tools instead", "function_call": "send tool_choice instead",
+    "chat_template": "start the server with --chat-template",
+    "regex": "send structured_outputs.regex or guided_regex",
+    "ebnf": "send structured_outputs.grammar or guided_grammar",
+    "json_schema": "send response_format or structured_outputs.json",
+}
+
+
+def refuse_unsupported(data: Any, unsupported: dict[str, tuple[Any, ...]]) -> Any:
+    """A before-validator: a field in `unsupported` set to anything but one of its neutral
+    values is an "unsupported_field" error naming it."""
+    if isinstance(data, dict):
+        for name, neutral in unsupported.items():
+            value = data.get(name)
+            if value is not None and not any(value == v and type(value) is type(v)
+                                             for v in neutral):
+                hint = _UNSUPPORTED_HINTS.get(name, "leave it out")
+                raise PydanticCustomError(
+                    "unsupported_field", "not supported by this server (got {value}); {hint}",
+                    {"field": name, "value": repr(value)[:100], "hint": hint})
+    return data
+
+
 # ---- shared request fields -----------------------------------------------------------
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
@@ -152,6 +211,14 @@ class SamplingRequest(RequestModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+
+    _unsupported: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_EXTENSIONS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported_extensions(cls, data: Any) -> Any:
+        return refuse_unsupported(data, cls._unsupported)
 
 
 # ---- tools ---------------------------------------------------------------------------
@@ -219,6 +286,9 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[ChatCompletionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+
+    _unsupported: ClassVar[dict[str, tuple[Any, ...]]] = {**UNSUPPORTED_EXTENSIONS,
+                                                          "echo": (False,)}
 
 
 class TopLogprob(OpenAIBaseModel):

@@ -164,6 +164,39 @@ def test_chat_logprobs(client):
     assert [e.token for e in streamed] == [e.token for e in content]
 
 
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/chat/completions", "priority", 1),  # no priority scheduling here
+    ("/v1/completions", "priority", -5),
+    ("/v1/chat/completions", "use_beam_search", True),
+    ("/v1/completions", "length_penalty", 0.5),
+    ("/v1/chat/completions", "echo", True),  # vLLM's chat echo; completions has its own
+    ("/v1/chat/completions", "chat_template", "{{ messages }}"),
+    ("/v1/completions", "truncate_prompt_tokens", 8),
+    ("/v1/chat/completions", "cache_salt", "s"),
+    ("/v1/chat/completions", "functions", [{"name": "f"}]),  # OpenAI's, deprecated
+])
+def test_engine_extensions_we_do_not_implement_are_400s(http, path, field, value):
+    """A vLLM client's extension this server lacks would change the output if honoured:
+    ignoring it silently is worse than a 400 naming it."""
+    body = ({"messages": MESSAGES} if "chat" in path else {"prompt": "hi"}) | {"max_tokens": 2}
+    error = assert_openai_error(http.post(path, json={**body, field: value}), 400, field)
+    assert "not supported by this server" in error["message"], error
+
+
+def test_neutral_extension_values_and_ignored_openai_fields_are_accepted(http):
+    """What a client sends when it leaves an extension alone (its default) works, and so do
+    OpenAI fields that change nothing the model writes."""
+    body = {"messages": MESSAGES, "max_tokens": 2, "priority": 0, "use_beam_search": False,
+            "length_penalty": 1.0, "echo": False, "bad_words": [], "truncate_prompt_tokens": None,
+            "store": True, "metadata": {"k": "v"}, "service_tier": "auto", "user": "u",
+            "guided_decoding_backend": "xgrammar", "prompt_cache_key": "k"}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    completion = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                                    "echo": True, "priority": 0})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"][:2] == "hi"
+
+
 def test_errors_have_openai_shape_and_server_stays_up(client, http):
     chat = dict(model=MODEL_NAME, messages=MESSAGES, max_tokens=4)
     with pytest.raises(openai.NotFoundError):
