@@ -153,6 +153,11 @@ class EmbeddingEngine:
                     self.model_dir, self.dim, self.max_seq_length, self.st_config.pooling_mode,
                     ", normalized" if self.st_config.normalize else "")
 
+    @property
+    def min_truncation(self) -> int:
+        """The fewest tokens an input may be truncated to: its special tokens and one more."""
+        return len(self._prefix_ids) + len(self._suffix_ids) + 1
+
     def _special_token_affixes(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts before and after a text's tokens ([CLS], [SEP] for
         BERT), found from a probe text: transformers 5 dropped build_inputs_with_special_tokens."""
@@ -163,19 +168,33 @@ class EmbeddingEngine:
                 return full[:start], full[start + len(content):]
         raise ValueError(f"{self.model_dir}: cannot tell the tokenizer's special tokens apart")
 
-    def tokenize(self, inputs: EmbeddingInput) -> list[list[int]]:
-        """Each input's token ids with special tokens; raises ValueError for bad input."""
+    def tokenize(self, inputs: EmbeddingInput,
+                 truncate_to: int | None = None) -> list[list[int]]:
+        """Each input's token ids with special tokens; raises ValueError for bad input.
+        `truncate_to`: keep each input's first tokens so that, special tokens included, it
+        has at most this many (sentence-transformers' truncation); None: an input longer
+        than max_seq_length is an InputTooLongError."""
         if not inputs:
             raise ValueError("input must not be empty")
+        limit = self.max_seq_length if truncate_to is None else truncate_to
+        if not self.min_truncation <= limit <= self.max_seq_length:
+            raise ValueError(f"truncation must keep from {self.min_truncation} tokens (one "
+                             f"more than the special tokens) to max_seq_length, "
+                             f"{self.max_seq_length}; got {limit}")
         if all(isinstance(x, str) for x in inputs):
-            for i, x in enumerate(inputs):
-                if len(x) > self.max_input_chars:
+            texts = list(inputs)
+            for i, x in enumerate(texts):
+                if len(x) <= self.max_input_chars:
+                    continue
+                if truncate_to is None:
                     raise InputTooLongError(
                         f"This model's maximum context length is {self.max_seq_length} "
                         f"tokens, however input[{i}] has {len(x)} characters, more than that "
                         "many tokens can hold. Please reduce the length of the input.")
-            # No truncation: an input over the limit is an error, not silently cut.
-            ids = self.tokenizer(list(inputs), add_special_tokens=True, truncation=False,
+                # Its first max_input_chars characters already hold more tokens than kept.
+                texts[i] = x[:self.max_input_chars]
+            # Truncated here, not by the tokenizer: its special tokens must stay.
+            ids = self.tokenizer(texts, add_special_tokens=True, truncation=False,
                                  verbose=False).input_ids
         elif all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in inputs):
             for i, x in enumerate(inputs):
@@ -187,17 +206,23 @@ class EmbeddingEngine:
         else:
             raise ValueError("input must be a list of strings or a list of token-id lists")
         for i, x in enumerate(ids):
-            if len(x) > self.max_seq_length:
+            if len(x) <= limit:
+                continue
+            if truncate_to is None:
                 raise InputTooLongError(
                     f"This model's maximum context length is {self.max_seq_length} tokens, "
                     f"however input[{i}] has {len(x)} tokens. Please reduce the length of "
                     "the input.")
+            keep = limit - len(self._suffix_ids)
+            ids[i] = x[:keep] + self._suffix_ids
         return ids
 
     @torch.inference_mode()
-    def embed(self, inputs: EmbeddingInput) -> tuple[torch.Tensor, list[int]]:
-        """[N, dim] float32 embeddings (on CPU, in input order) and each input's token count."""
-        ids = self.tokenize(inputs)
+    def embed(self, inputs: EmbeddingInput,
+              truncate_to: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """[N, dim] float32 embeddings (on CPU, in input order) and each input's token count
+        (what was embedded, after truncation: see tokenize)."""
+        ids = self.tokenize(inputs, truncate_to)
         # Longest first: batches of similar lengths waste little on padding.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         out = torch.empty(len(ids), self.dim, dtype=torch.float32)
@@ -244,13 +269,19 @@ class AsyncEmbeddingEngine:
         return self.engine.max_seq_length
 
     @property
+    def min_truncation(self) -> int:
+        return self.engine.min_truncation
+
+    @property
     def model_path(self) -> str | None:
         """The model's path as the user gave it (None: the embedded default)."""
         return self.engine.model_path
 
-    async def embed(self, inputs: EmbeddingInput) -> tuple[torch.Tensor, list[int]]:
+    async def embed(self, inputs: EmbeddingInput,
+                    truncate_to: int | None = None) -> tuple[torch.Tensor, list[int]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.embed, inputs)
+        return await loop.run_in_executor(self._executor, self.engine.embed, inputs,
+                                          truncate_to)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -208,17 +208,20 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
               embedding_model_name: str | None = None,
               tool_call_parser: str = "hermes", protect_metrics: bool = False,
               enable_docs: bool = True,
-              body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
+              body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+              embedding_overflow: str = "truncate") -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine (and, for /v1/embeddings, an
     AsyncEmbeddingEngine); shuts them down when the app stops (its lifespan).
     `tool_call_parser`: how tool calls are read from tool_choice "auto" output.
     `protect_metrics`: /metrics needs the API key too. `enable_docs`: serve /docs, /redoc
-    and /openapi.json. `body_timeout_s`: how long a request's body may take to arrive."""
+    and /openapi.json. `body_timeout_s`: how long a request's body may take to arrive.
+    `embedding_overflow`: "truncate" or "error" for an embedding input over the model's
+    max_seq_length whose request does not say (truncate_prompt_tokens)."""
     metrics = ServerMetrics(async_engine)
     serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics,
                             tool_parser=tool_call_parser)
     serving_embedding = OpenAIServingEmbedding(embedding_engine, embedding_model_name,
-                                               served_model_names)
+                                               served_model_names, embedding_overflow)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -265,8 +268,7 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
     async def embeddings(request: EmbeddingRequest, raw_request: Request):
         return await cancel_on_disconnect(raw_request, serving_embedding.embed(request))
 
-    @app.get("/v1/models")
-    async def models() -> ModelList:
+    def model_cards() -> list[ModelCard]:
         # root: the model as the user named it (or its name), never a cache path.
         root = async_engine.model_info.model or served_model_names[0]
         cards = [ModelCard(id=name, root=root, max_model_len=serving.max_model_len)
@@ -275,7 +277,19 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
             cards.append(ModelCard(id=serving_embedding.model_name,
                                    root=embedding_engine.model_path or serving_embedding.model_name,
                                    max_model_len=embedding_engine.max_seq_length))
-        return ModelList(data=cards)
+        return cards
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=model_cards())
+
+    @app.get("/v1/models/{model_id:path}")  # ids may hold slashes: Qwen/Qwen3-0.6B
+    async def retrieve_model(model_id: str) -> ModelCard:
+        for card in model_cards():
+            if card.id == model_id:
+                return card
+        raise APIError(f"The model `{model_id}` does not exist", 404, param="model",
+                       code="model_not_found")
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:

@@ -169,7 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
                     embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser,
                     protect_metrics=args.protect_metrics, enable_docs=not args.disable_docs,
-                    body_timeout_s=args.request_body_timeout)
+                    body_timeout_s=args.request_body_timeout,
+                    embedding_overflow=args.embedding_overflow)
     logger.info("Serving %s (max_model_len=%d) on http://%s:%d/v1%s", ", ".join(names),
                    async_engine.model_info.max_model_len, args.host, args.port,
                    " (API key required)" if args.api_key else "")
@@ -233,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--embedding-model", default=None, metavar="PATH",
                        help="sentence-transformers HF directory to serve on /v1/embeddings "
                             "(default: the embedded all-MiniLM-L6-v2, if installed)")
+    serve.add_argument("--embedding-overflow", choices=["truncate", "error"],
+                       default="truncate",
+                       help="an embedding input over the model's max_seq_length: keep its "
+                            "first tokens, as sentence-transformers does (usage counts what "
+                            "was embedded), or answer 400; a request's truncate_prompt_tokens "
+                            "overrides it")
     serve.add_argument("--no-embedding-model", action="store_true",
                        help="serve no embedding model (/v1/embeddings answers 404)")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,

@@ -426,6 +426,9 @@ class EmbeddingRequest(RequestModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    # vLLM's: keep each input's first k tokens (special tokens included); -1: the model's
+    # max_seq_length. None: the server's --embedding-overflow decides.
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
 
 class EmbeddingData(OpenAIBaseModel):

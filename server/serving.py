@@ -680,13 +680,20 @@ class OpenAIServing:
 
 # OpenAI's cap on inputs in one embeddings request.
 MAX_EMBEDDING_INPUTS = 2048
+EMBEDDING_OVERFLOW = ("truncate", "error")
 
 
 class OpenAIServingEmbedding:
     """/v1/embeddings over an AsyncEmbeddingEngine; with none, every request is a clear 404."""
 
     def __init__(self, engine: AsyncEmbeddingEngine | None, model_name: str | None = None,
-                 chat_model_names: list[str] | None = None) -> None:
+                 chat_model_names: list[str] | None = None, overflow: str = "truncate") -> None:
+        """`overflow`: what an input longer than the model's max_seq_length gets when the
+        request does not say (truncate_prompt_tokens): "truncate" (to its first tokens, as
+        sentence-transformers does) or "error" (a 400)."""
+        if overflow not in EMBEDDING_OVERFLOW:
+            raise ValueError(f"overflow must be one of {EMBEDDING_OVERFLOW}, got {overflow!r}")
+        self.overflow = overflow
         self.engine = engine
         self.model_name = model_name or (engine.name if engine is not None else None)
         self.chat_model_names = list(chat_model_names or [])
@@ -722,6 +729,19 @@ class OpenAIServingEmbedding:
                            param="input")
         return inputs
 
+    def _truncate_to(self, truncate_prompt_tokens: int | None) -> int | None:
+        limit = self.engine.max_seq_length
+        if truncate_prompt_tokens is None:
+            return limit if self.overflow == "truncate" else None
+        if truncate_prompt_tokens == -1:
+            return limit
+        low = self.engine.min_truncation
+        if not low <= truncate_prompt_tokens <= limit:
+            raise APIError(f"truncate_prompt_tokens must be -1 (the model's maximum, {limit}) "
+                           f"or from {low} to {limit}, got {truncate_prompt_tokens}",
+                           param="truncate_prompt_tokens")
+        return truncate_prompt_tokens
+
     async def embed(self, request: EmbeddingRequest) -> JSONResponse:
         model = self._check_model(request.model)
         if request.dimensions is not None and request.dimensions != self.engine.dim:
@@ -729,8 +749,9 @@ class OpenAIServingEmbedding:
                            f"gives {self.engine.dim}-dimensional embeddings (omit dimensions, "
                            f"or send {self.engine.dim})", param="dimensions")
         inputs = self._inputs(request.input)
+        truncate_to = self._truncate_to(request.truncate_prompt_tokens)
         try:
-            vectors, counts = await self.engine.embed(inputs)
+            vectors, counts = await self.engine.embed(inputs, truncate_to)
         except InputTooLongError as exc:
             raise APIError(str(exc), param="input", code="context_length_exceeded") from None
         except ValueError as exc:  # bad token ids and the like

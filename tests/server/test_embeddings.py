@@ -7,7 +7,6 @@ import base64
 import re
 
 import numpy as np
-import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -87,8 +86,10 @@ def test_dimensions_equal_to_the_model_is_accepted(client):
      "dimensions=128 is not supported"),
     ({"model": EMBEDDING_MODEL_NAME, "input": []}, 400, "input", "must not be empty"),
     ({"model": EMBEDDING_MODEL_NAME, "input": ""}, 400, "input", "input\\[0\\] is empty"),
-    ({"model": EMBEDDING_MODEL_NAME, "input": ["ok", "word " * 300]}, 400, "input",
-     "maximum context length is 256 tokens, however input\\[1\\] has 302 tokens"),
+    ({"model": EMBEDDING_MODEL_NAME, "input": "x", "truncate_prompt_tokens": 257}, 400,
+     "truncate_prompt_tokens", "from 3 to 256, got 257"),
+    ({"model": EMBEDDING_MODEL_NAME, "input": "x", "truncate_prompt_tokens": 2}, 400,
+     "truncate_prompt_tokens", "from 3 to 256, got 2"),
     ({"model": EMBEDDING_MODEL_NAME, "input": [[1, 2], [99999]]}, 400, "input",
      "token ids must be in \\[0, 30522\\)"),
     ({"model": EMBEDDING_MODEL_NAME, "input": "x", "encoding_format": "int8"}, 400,
@@ -105,10 +106,49 @@ def test_errors_are_openai_shaped(http, body, status, param, match):
     assert http.get("/health").status_code == 200
 
 
-def test_too_long_input_through_the_sdk(client):
-    with pytest.raises(openai.BadRequestError) as info:
-        client.embeddings.create(model=EMBEDDING_MODEL_NAME, input="word " * 300)
-    assert info.value.code == "context_length_exceeded"
+def test_long_inputs_are_truncated_as_sentence_transformers_does(client, embedding_engine):
+    """By default (--embedding-overflow truncate) an input over 256 tokens keeps its first
+    tokens, special ones included, and usage counts what was embedded; truncate_prompt_tokens
+    keeps fewer (-1: the model's maximum). The vectors are those of the kept tokens."""
+    long_text = "word " * 300 + "tail"
+    content = embedding_engine.tokenizer(long_text, add_special_tokens=False).input_ids
+    default = client.embeddings.create(model=EMBEDDING_MODEL_NAME,
+                                       input=["short", long_text])
+    assert default.usage.prompt_tokens == 256 + len(
+        embedding_engine.tokenizer("short").input_ids)
+    kept = client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=content[:254])
+    np.testing.assert_allclose(default.data[1].embedding, kept.data[0].embedding, atol=1e-5)
+    for k, expected in ((10, 10), (-1, 256)):
+        response = client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=long_text,
+                                            extra_body={"truncate_prompt_tokens": k})
+        assert response.usage.prompt_tokens == expected
+    ten = client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=content[:8])
+    short = client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=[content],
+                                     extra_body={"truncate_prompt_tokens": 10})
+    np.testing.assert_allclose(short.data[0].embedding, ten.data[0].embedding, atol=1e-5)
+
+
+def test_overflow_error_mode_is_a_400(server_with_embeddings, embedding_engine):
+    """--embedding-overflow error keeps the strict behaviour; a request asking for
+    truncation still gets it."""
+    # No `with`: the lifespan would shut the engines down.
+    app_client = TestClient(_app(server_with_embeddings, embedding_engine, "error"))
+    body = {"model": EMBEDDING_MODEL_NAME, "input": ["ok", "word " * 300]}
+    error = assert_openai_error(app_client.post("/v1/embeddings", json=body), 400, "input")
+    assert error["code"] == "context_length_exceeded"
+    assert "input[1] has 302 tokens" in error["message"]
+    asked = app_client.post("/v1/embeddings", json={**body, "truncate_prompt_tokens": -1})
+    assert asked.status_code == 200 and asked.json()["usage"]["prompt_tokens"] == 256 + 3
+
+
+def _app(running, engine, overflow: str):
+    """An app over the running server's engine and a new async front for `engine`."""
+    from pagedserve.engine.embedding import AsyncEmbeddingEngine
+    from pagedserve.server.app import build_app
+
+    return build_app(running.async_engine, [MODEL_NAME],
+                     embedding_engine=AsyncEmbeddingEngine(engine),
+                     embedding_model_name=EMBEDDING_MODEL_NAME, embedding_overflow=overflow)
 
 
 def test_no_embedding_model_is_a_clear_404(server_with_embeddings):
@@ -126,24 +166,29 @@ def build_app_without_embeddings(running):
     return build_app(running.async_engine, [MODEL_NAME])
 
 
-def test_text_too_long_for_the_context_is_refused_before_tokenizing(http, embedding_engine,
-                                                                    monkeypatch):
-    """An input with more characters than max_seq_length tokens can cover is a 400 at once;
-    tokenizing megabytes would hold the embedding thread for seconds. One just inside the
-    bound is tokenized, and refused by its token count."""
+def test_megabytes_of_text_are_never_tokenized_in_full(server_with_embeddings,
+                                                      embedding_engine, monkeypatch):
+    """An input with more characters than max_seq_length tokens can cover: in error mode a
+    400 before tokenizing; when truncating, only its first max_input_chars characters are
+    tokenized (they already hold more tokens than are kept). Tokenizing megabytes would
+    hold the embedding thread for seconds."""
     # WordPiece turns a word of up to 100 characters into one [UNK]: no token covers more.
     assert embedding_engine.max_input_chars == 256 * 4 * 100
-    calls = []
+    seen = []
     tokenizer = embedding_engine.tokenizer
     monkeypatch.setattr(embedding_engine, "tokenizer",
-                        lambda *a, **k: calls.append(1) or tokenizer(*a, **k))
-    over = "a" * (embedding_engine.max_input_chars + 1)
-    response = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL_NAME,
-                                                 "input": ["ok", over]})
-    error = assert_openai_error(response, 400, "input")
-    assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
-    assert calls == []
-    inside = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL_NAME,
-                                               "input": "a " * 1000})
-    error = assert_openai_error(inside, 400, "input")
-    assert "tokens" in error["message"] and calls == [1]
+                        lambda texts, **k: seen.append(max(map(len, texts)))
+                        or tokenizer(texts, **k))
+    over = "ab " * 1_000_000  # 3 MB
+    body = {"model": EMBEDDING_MODEL_NAME, "input": ["ok", over]}
+    for overflow in ("error", "truncate"):
+        app = _app(server_with_embeddings, embedding_engine, overflow)
+        response = TestClient(app).post("/v1/embeddings", json=body)
+        if overflow == "error":
+            error = assert_openai_error(response, 400, "input")
+            assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+            assert seen == []
+        else:
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["prompt_tokens"] == 256 + 3
+            assert seen == [embedding_engine.max_input_chars]

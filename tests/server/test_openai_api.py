@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.server.conftest import ALIAS, MAX_MODEL_LEN, MODEL_NAME, assert_openai_error
 
@@ -44,6 +45,18 @@ def test_models_lists_every_served_name(client, http):
     assert [m.id for m in client.models.list().data] == [MODEL_NAME, ALIAS]
     assert http.get("/health").status_code == 200
     assert "version" in http.get("/version").json()
+
+
+def test_models_retrieve(server, client, http):
+    """GET /v1/models/{id} (the SDK's models.retrieve), ids with slashes included."""
+    assert client.models.retrieve(ALIAS).id == ALIAS
+    assert_openai_error(http.get("/v1/models/nope"), 404, "model")
+    from pagedserve.server.app import build_app
+
+    app = TestClient(build_app(server.async_engine, ["org/name-v1", MODEL_NAME]))
+    card = app.get("/v1/models/org/name-v1")
+    assert card.status_code == 200 and card.json()["id"] == "org/name-v1"
+    assert card.json()["max_model_len"] == MAX_MODEL_LEN
 
 
 def test_chat_stream_equals_non_stream_for_greedy(client):
