@@ -206,20 +206,22 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               embedding_engine: AsyncEmbeddingEngine | None = None,
               embedding_model_name: str | None = None,
-              tool_call_parser: str = "hermes", protect_metrics: bool = False,
+              tool_call_parser: str = "hermes", reasoning_parser: str | None = None,
+              protect_metrics: bool = False,
               enable_docs: bool = True,
               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
               embedding_overflow: str = "truncate") -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine (and, for /v1/embeddings, an
     AsyncEmbeddingEngine); shuts them down when the app stops (its lifespan).
     `tool_call_parser`: how tool calls are read from tool_choice "auto" output.
+    `reasoning_parser`: how a reasoning model's thinking is told from its answer.
     `protect_metrics`: /metrics needs the API key too. `enable_docs`: serve /docs, /redoc
     and /openapi.json. `body_timeout_s`: how long a request's body may take to arrive.
     `embedding_overflow`: "truncate" or "error" for an embedding input over the model's
     max_seq_length whose request does not say (truncate_prompt_tokens)."""
     metrics = ServerMetrics(async_engine)
     serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics,
-                            tool_parser=tool_call_parser)
+                            tool_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     serving_embedding = OpenAIServingEmbedding(embedding_engine, embedding_model_name,
                                                served_model_names, embedding_overflow)
 

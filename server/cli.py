@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from pagedserve.server.reasoning_parsers import REASONING_PARSERS
 from pagedserve.server.tool_parsers import TOOL_PARSERS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -168,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedding_engine = load_embedding_engine(args, logger)
     app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
                     embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser,
+                    reasoning_parser=args.reasoning_parser,
                     protect_metrics=args.protect_metrics, enable_docs=not args.disable_docs,
                     body_timeout_s=args.request_body_timeout,
                     embedding_overflow=args.embedding_overflow)
@@ -231,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model's tool-call format, read from the output when "
                             "tool_choice is \"auto\" (hermes: <tool_call>{...}</tool_call>, "
                             "which the default tool prompt asks for)")
+    serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="a reasoning model's format: its <think>...</think> comes back as "
+                            "message.reasoning_content (and reasoning), streamed as deltas, "
+                            "never in content (deepseek_r1: the prompt opens the block; qwen3: "
+                            "the model does). Default: none, thinking stays in content")
     serve.add_argument("--embedding-model", default=None, metavar="PATH",
                        help="sentence-transformers HF directory to serve on /v1/embeddings "
                             "(default: the embedded all-MiniLM-L6-v2, if installed)")

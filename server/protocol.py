@@ -286,6 +286,11 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[ChatCompletionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # Reasoning models: passed to the chat template (Qwen3 reads enable_thinking, gpt-oss
+    # style templates reasoning_effort); include_reasoning false drops reasoning_content.
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    include_reasoning: bool = True
 
     _unsupported: ClassVar[dict[str, tuple[Any, ...]]] = {**UNSUPPORTED_EXTENSIONS,
                                                           "echo": (False,)}
@@ -308,6 +313,9 @@ class ChatChoiceLogprobs(OpenAIBaseModel):
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None
+    # With --reasoning-parser: the model's thinking (vLLM's two names for it).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -457,6 +465,7 @@ class TokenizeRequest(RequestModel):
     tools: list[ChatCompletionTool] | None = None  # ... with these tools in its prompt
     add_special_tokens: bool = True  # for prompt (a rendered chat already has its own)
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # for messages
 
 
 class TokenizeResponse(OpenAIBaseModel):

@@ -58,6 +58,7 @@ from pagedserve.server.protocol import (
     sampling_kwargs,
     text_chars,
 )
+from pagedserve.server.reasoning_parsers import ReasoningParser, get_reasoning_parser
 from pagedserve.server.tool_parsers import StreamDelta, ToolCallStream, get_tool_parser
 from pagedserve.server.tools import ToolPlan, conversation, template_knows_tools, tool_dicts
 
@@ -163,6 +164,62 @@ def _finish_reason(engine_reason: str | None, reader: ToolCallStream | None) -> 
     return engine_reason
 
 
+# What the chat template's other arguments are; chat_template_kwargs may not set them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+    "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+    "return_assistant_tokens_mask", "padding", "truncation", "max_length", "tokenizer_kwargs"})
+
+
+def chat_template_kwargs(request: ChatCompletionRequest) -> dict[str, Any]:
+    """The template's extra variables: chat_template_kwargs, and reasoning_effort (which
+    templates of reasoning models read)."""
+    kwargs = dict(request.chat_template_kwargs or {})
+    if request.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", request.reasoning_effort)
+    return kwargs
+
+
+class ChoiceReader:
+    """One chat choice's text -> reasoning, content and tool calls: the reasoning parser
+    (if the server has one) takes the thinking out first, then the tool reader (if the
+    request has tools) reads calls in what is left. Streamed or whole, the same split."""
+
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolCallStream | None,
+                 include_reasoning: bool = True) -> None:
+        self.reasoning, self.tools = reasoning, tools
+        self.include_reasoning = include_reasoning
+
+    def parse(self, text: str) -> tuple[str | None, str | None, list]:
+        """(reasoning or None, content or None, tool calls) of the whole text."""
+        reasoning = None
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.parse(text)
+        if not self.include_reasoning:
+            reasoning = None
+        if self.tools is None:  # with a reasoning parser, no answer is content None
+            return reasoning, text if self.reasoning is None or text else None, []
+        content, calls = self.tools.parse(text)
+        return reasoning, content, calls
+
+    def stream(self, text: str, finished: bool) -> list[dict[str, Any]]:
+        """The `delta`s for the next piece of text (the last piece when `finished`)."""
+        reasoning = ""
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.feed(text)
+            if finished:
+                more_reasoning, more_text = self.reasoning.finish()
+                reasoning, text = reasoning + more_reasoning, text + more_text
+        deltas = ([{"reasoning_content": reasoning, "reasoning": reasoning}]
+                  if reasoning and self.include_reasoning else [])
+        if self.tools is None:
+            return deltas + ([{"content": text}] if text else [])
+        read = self.tools.feed(text)
+        if finished:
+            read.extend(self.tools.finish())
+        return deltas + _split_delta(read)
+
+
 def _split_delta(delta: StreamDelta) -> list[dict[str, Any]]:
     """`delta` as chat chunk deltas: content first; a call's opening entry and its arguments
     go in separate chunks, as OpenAI streams them (one entry per call index per chunk)."""
@@ -194,7 +251,9 @@ class OpenAIServing:
 
     def __init__(self, async_engine: AsyncEngine, served_model_names: list[str],
                  chat_template: str | None = None, metrics: ServerMetrics | None = None,
-                 tool_parser: str = "hermes") -> None:
+                 tool_parser: str = "hermes", reasoning_parser: str | None = None) -> None:
+        """`tool_parser`: the model's tool-call format (tool_choice "auto");
+        `reasoning_parser`: how its thinking is told from its answer (None: it is not)."""
         if not served_model_names:
             raise ValueError("served_model_names must name at least one model")
         self.async_engine = async_engine
@@ -202,6 +261,8 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.metrics = metrics
         self.tool_parser = get_tool_parser(tool_parser)  # for tool_choice "auto"
+        self.reasoning_parser = (get_reasoning_parser(reasoning_parser)
+                                 if reasoning_parser is not None else None)
         self.tokenizer = async_engine.get_tokenizer()
         # Templates that know no tools get the default tool prompt (server/tools.py).
         self.template_knows_tools = template_knows_tools(
@@ -353,13 +414,23 @@ class OpenAIServing:
 
     # ---- chat completions -------------------------------------------------------------
     async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                          tools: list[dict] | None = None) -> tuple[str, list[int]]:
+                          tools: list[dict] | None = None,
+                          template_kwargs: dict[str, Any] | None = None,
+                          ) -> tuple[str, list[int]]:
         """The chat template's text and its token ids; `tools` go in the prompt (through
-        the template, or as the default tool prompt where the template knows none)."""
+        the template, or as the default tool prompt where the template knows none);
+        `template_kwargs` are variables for the template (chat_template_kwargs)."""
         tokenizer = self._need_tokenizer("chat messages")
-        self.check_chars(text_chars(messages) + text_chars(tools), "messages")
+        self.check_chars(text_chars(messages) + text_chars(tools)
+                         + text_chars(template_kwargs), "messages")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs or ()))
+        if reserved:
+            raise APIError(f"chat_template_kwargs may not set {', '.join(reserved)}: the "
+                           "request's own fields do", param="chat_template_kwargs")
         knows_tools = self.template_knows_tools
-        kwargs = {"tools": tools} if tools and knows_tools else {}
+        kwargs = dict(template_kwargs or {})
+        if tools and knows_tools:
+            kwargs["tools"] = tools
         try:
             return await tokenizer.render_chat(
                 conversation(messages, tools, knows_tools),
@@ -374,7 +445,7 @@ class OpenAIServing:
         guide, guide_field = guided_decoding(request, plan.guide_schema)
         text, prompt_ids = await self.render_chat(request.messages,
                                                   request.add_generation_prompt,
-                                                  plan.prompt_tools)
+                                                  plan.prompt_tools, chat_template_kwargs(request))
         max_tokens = (request.max_completion_tokens if request.max_completion_tokens is not None
                       else request.max_tokens)
         self.check_length(len(prompt_ids), max_tokens, "messages")
@@ -385,7 +456,9 @@ class OpenAIServing:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         merged = merge_async_iterators(self.generate(
             request_id, {"prompt": text, "prompt_token_ids": prompt_ids}, params))
-        new_reader = lambda: plan.new_reader(self.tool_parser)  # noqa: E731
+        new_reader = lambda: ChoiceReader(  # noqa: E731
+            self.reasoning_parser() if self.reasoning_parser is not None else None,
+            plan.new_reader(self.tool_parser), request.include_reasoning)
         if not request.stream:
             (final,) = await _naming_guide(self._collect(merged, 1), guide_field)
             return JSONResponse(self._chat_response(request_id, model, final, top_n, new_reader)
@@ -416,18 +489,17 @@ class OpenAIServing:
         choices = []
         for out in final.outputs:
             reader = new_reader()
-            if reader is None:
-                message = ChatResponseMessage(content=out.text)
-            else:
-                content, calls = reader.parse(out.text)
-                message = ChatResponseMessage(content=content, tool_calls=[
-                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
-                    for c in calls])
+            reasoning, content, calls = reader.parse(out.text)
+            message = ChatResponseMessage(
+                content=content, reasoning_content=reasoning, reasoning=reasoning,
+                tool_calls=[ToolCall(id=c.id, function=FunctionCall(name=c.name,
+                                                                    arguments=c.arguments))
+                            for c in calls])
             choices.append(ChatChoice(
                 index=out.index, message=message,
                 logprobs=(self._chat_logprobs(out.token_ids, out.logprobs, top_n)
                           if out.logprobs is not None else None),
-                finish_reason=_finish_reason(out.finish_reason, reader),
+                finish_reason=_finish_reason(out.finish_reason, reader.tools),
                 stop_reason=out.stop_reason))
         num_generated = sum(len(out.token_ids) for out in final.outputs)
         usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids),
@@ -457,22 +529,16 @@ class OpenAIServing:
                 if want_logprobs:
                     logprobs = self._chat_logprobs(out.token_ids, out.logprobs, top_n)
                 reader = readers[out.index]
-                if reader is None:
-                    deltas = [{"content": text}] if text else []
-                else:
-                    read = reader.feed(text)
-                    if out.finish_reason is not None:
-                        read.extend(reader.finish())
-                    deltas = _split_delta(read)
+                deltas = reader.stream(text, finished=out.finish_reason is not None)
                 if not deltas and logprobs is None and out.finish_reason is None:
-                    continue  # held back: may be the start of tool-call markup
+                    continue  # held back: may be the start of a tag
                 deltas = deltas or [{}]
                 for k, d in enumerate(deltas):
                     last = k == len(deltas) - 1
+                    reason = _finish_reason(out.finish_reason, reader.tools) if last else None
                     yield chunk([ChatStreamChoice(
                         index=out.index, delta=d, logprobs=logprobs if k == 0 else None,
-                        finish_reason=_finish_reason(out.finish_reason, reader) if last else None,
-                        stop_reason=out.stop_reason if last else None)])
+                        finish_reason=reason, stop_reason=out.stop_reason if last else None)])
         if include_usage:
             total = sum(s.num_generated for s in streams)
             yield chunk([], UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=total,
@@ -485,7 +551,8 @@ class OpenAIServing:
             raise APIError("give exactly one of prompt and messages", param="prompt")
         if request.messages is not None:
             _, ids = await self.render_chat(request.messages, request.add_generation_prompt,
-                                            tool_dicts(request.tools))
+                                            tool_dicts(request.tools),
+                                            request.chat_template_kwargs)
         else:
             tokenizer = self._need_tokenizer("tokenize")
             self.check_chars(len(request.prompt), "prompt")

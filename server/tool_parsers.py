@@ -82,7 +82,7 @@ class ToolCallStream:
             out.tool_calls.append({"index": index, "function": {"arguments": text}})
 
 
-class _TrimmedText:
+class TrimmedText:
     """Passes text through with the whole's leading and trailing whitespace removed: what
     streams out, joined, is the stripped text (trailing blanks wait for more text)."""
 
@@ -103,7 +103,7 @@ class _TrimmedText:
         return body
 
 
-def _partial_prefix_len(text: str, tag: str) -> int:
+def partial_prefix_len(text: str, tag: str) -> int:
     """Length of the longest end of `text` that begins `tag` (a tag still arriving)."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -139,7 +139,7 @@ class HermesToolParser(ToolParser):
         super().__init__(parallel)
         self._buffer = ""
         self._in_block = False
-        self._text = _TrimmedText()
+        self._text = TrimmedText()
 
     def _read(self, text: str, final: bool) -> StreamDelta:
         out = StreamDelta()
@@ -148,7 +148,7 @@ class HermesToolParser(ToolParser):
             if not self._in_block:
                 start = self._buffer.find(self.START)
                 if start < 0:
-                    keep = 0 if final else _partial_prefix_len(self._buffer, self.START)
+                    keep = 0 if final else partial_prefix_len(self._buffer, self.START)
                     out.content += self._text.push(self._buffer[:len(self._buffer) - keep])
                     self._buffer = self._buffer[len(self._buffer) - keep:]
                     return out
@@ -163,7 +163,7 @@ class HermesToolParser(ToolParser):
             self._buffer = "" if end < 0 else self._buffer[end + len(self.END):]
             self._in_block = False
             if end < 0:  # the text ended inside the block, perhaps inside its closing tag
-                block = block[:len(block) - _partial_prefix_len(block, self.END)]
+                block = block[:len(block) - partial_prefix_len(block, self.END)]
             call = self._read_block(block)
             if call is None:
                 out.content += self._text.push(markup)

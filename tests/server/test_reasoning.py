@@ -1,0 +1,124 @@
+"""Reasoning models: --reasoning-parser takes `<think>...</think>` out of content into
+reasoning_content (and reasoning), streamed as deltas; tool calls after the thinking are
+still read; chat_template_kwargs and reasoning_effort reach the template. Parsers are
+checked on recorded model texts, whole and character by character; the server on the
+tiny model with Qwen3's real chat template (a fixture, no download), where guided decoding
+makes its random output hold think tags."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pagedserve.server.protocol import ChatCompletionRequest
+from pagedserve.server.reasoning_parsers import get_reasoning_parser
+from pagedserve.server.serving import ChoiceReader, chat_template_kwargs
+from pagedserve.server.tool_parsers import get_tool_parser
+from tests.server.conftest import MODEL_NAME, assert_invalid_request
+
+QWEN3_TEMPLATE = (Path(__file__).parent / "fixtures" / "qwen3.jinja").read_text()
+
+CASES = [  # parser, model text, reasoning, content
+    ("deepseek_r1", "Let me think.\n</think>\n\nThe answer is 4.", "Let me think.",
+     "The answer is 4."),
+    ("deepseek_r1", "<think>\nhmm, 2 + 2\n</think>\n\nyes", "hmm, 2 + 2", "yes"),
+    ("deepseek_r1", "still thinking when max_tokens hit", "still thinking when max_tokens hit",
+     ""),
+    ("deepseek_r1", "a < b, so </thi", "a < b, so </thi", ""),
+    ("qwen3", "<think>\nOkay, 2+2.\n</think>\n\n4", "Okay, 2+2.", "4"),
+    ("qwen3", "\n<think>x</think>y", "x", "y"),
+    ("qwen3", "Just an answer, < not a tag", None, "Just an answer, < not a tag"),
+    ("qwen3", "  <thinking about it", None, "  <thinking about it"),
+    ("qwen3", "<think>cut off", "cut off", ""),
+    ("qwen3", "<think>a</think>b</think>c", "a", "b</think>c"),
+    ("qwen3", "<think>\n\n</think>\n\nno thoughts", None, "no thoughts"),
+]
+
+
+@pytest.mark.parametrize("name, text, reasoning, content", CASES)
+def test_parsers_whole_and_character_by_character(name, text, reasoning, content):
+    parser = get_reasoning_parser(name)
+    assert parser().parse(text) == (reasoning, content)
+    streamed = parser()
+    pieces = [streamed.feed(ch) for ch in text] + [streamed.finish()]
+    assert "".join(r for r, _ in pieces) == (reasoning or "")
+    assert "".join(c for _, c in pieces) == content
+
+
+def test_tool_calls_after_the_thinking_are_read():
+    text = ('<think>\nThe user wants the weather.\n</think>\n\n<tool_call>\n{"name": '
+            '"get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    hermes = get_tool_parser("hermes")
+    qwen3 = get_reasoning_parser("qwen3")
+    reasoning, content, calls = ChoiceReader(qwen3(), hermes()).parse(text)
+    assert reasoning == "The user wants the weather." and content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather",
+                                                                   {"city": "Oslo"})]
+    reader = ChoiceReader(qwen3(), hermes())
+    deltas = [d for i, ch in enumerate(text)
+              for d in reader.stream(ch, finished=i == len(text) - 1)]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == reasoning
+    assert not any(d.get("content") for d in deltas)
+    names = [call["function"]["name"] for d in deltas for call in d.get("tool_calls", [])
+             if "name" in call.get("function", {})]
+    assert names == ["get_weather"]
+    hidden = ChoiceReader(qwen3(), None, include_reasoning=False)
+    assert hidden.parse("<think>x</think>y") == (None, "y", [])
+
+
+def test_template_kwargs_carry_reasoning_effort():
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}],
+                                    reasoning_effort="high",
+                                    chat_template_kwargs={"enable_thinking": False})
+    assert chat_template_kwargs(request) == {"enable_thinking": False,
+                                             "reasoning_effort": "high"}
+
+
+@pytest.fixture(scope="module")
+def qwen3_app(long_server):
+    from pagedserve.server.app import build_app
+
+    app = build_app(long_server.async_engine, [MODEL_NAME], chat_template=QWEN3_TEMPLATE,
+                    reasoning_parser="qwen3")
+    return TestClient(app)  # no `with`: the lifespan would shut the shared engine down
+
+
+# Guided decoding makes the random model write a thought, then an answer.
+THINKING = r"<think>\n[a-z]{3,8}\n</think>\n\n[a-z]{2,6}"
+MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def test_reasoning_content_over_http_streamed_and_not(qwen3_app):
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 60, "temperature": 0,
+            "structured_outputs": {"regex": THINKING}}
+    whole = qwen3_app.post("/v1/chat/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    message = whole.json()["choices"][0]["message"]
+    assert re.fullmatch("[a-z]{3,8}", message["reasoning_content"]), message
+    assert message["reasoning"] == message["reasoning_content"]
+    assert re.fullmatch("[a-z]{2,6}", message["content"]), message
+    lines = qwen3_app.post("/v1/chat/completions", json={**body, "stream": True}).text
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in lines.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+    hidden = qwen3_app.post("/v1/chat/completions", json={**body, "include_reasoning": False})
+    assert hidden.json()["choices"][0]["message"]["reasoning_content"] is None
+    assert hidden.json()["choices"][0]["message"]["content"] == message["content"]
+
+
+def test_chat_template_kwargs_reach_the_template(qwen3_app):
+    def prompt(**extra) -> str:
+        tokens = qwen3_app.post("/tokenize", json={"messages": MESSAGES, **extra}).json()
+        return qwen3_app.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+
+    assert prompt().endswith("<|im_start|>assistant\n")
+    off = prompt(chat_template_kwargs={"enable_thinking": False})
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    refused = qwen3_app.post("/v1/chat/completions", json={
+        "model": MODEL_NAME, "messages": MESSAGES, "chat_template_kwargs": {"tokenize": True}})
+    assert "tokenize" in assert_invalid_request(refused, "chat_template_kwargs")
