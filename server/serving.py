@@ -9,7 +9,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -178,6 +179,19 @@ def chat_template_kwargs(request: ChatCompletionRequest) -> dict[str, Any]:
     if request.reasoning_effort is not None:
         kwargs.setdefault("reasoning_effort", request.reasoning_effort)
     return kwargs
+
+
+@dataclass(slots=True)
+class ChatRun:
+    """A chat request submitted to the engine: its outputs come through `merged`."""
+
+    request_id: str
+    model: str  # the served name it asked for
+    merged: AsyncIterator[tuple[int, RequestOutput]]
+    guide_field: str | None  # the field whose constraint it carries, to name in errors
+    new_reader: Callable[[], ChoiceReader]  # one per choice
+    num_prompt_tokens: int
+    top_n: int  # top_logprobs
 
 
 class ChoiceReader:
@@ -439,7 +453,10 @@ class OpenAIServing:
         except Exception as exc:  # no template, or the template rejected the messages
             raise APIError(f"cannot apply the chat template: {exc}", param="messages") from None
 
-    async def chat(self, request: ChatCompletionRequest):
+    async def start_chat(self, request: ChatCompletionRequest, id_prefix: str = "chatcmpl",
+                         ) -> ChatRun:
+        """Validate, render and submit a chat request: what chat completions and the
+        Responses API (server/responses.py) share. Bad input raises APIError here."""
         model = self.model_name(request.model)
         plan = ToolPlan.from_request(request)
         guide, guide_field = guided_decoding(request, plan.guide_schema)
@@ -453,22 +470,40 @@ class OpenAIServing:
         params = self.sampling_params(request, max_tokens=max_tokens,
                                       logprobs=top_n if request.logprobs else None,
                                       guided_decoding=guide)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         merged = merge_async_iterators(self.generate(
             request_id, {"prompt": text, "prompt_token_ids": prompt_ids}, params))
-        new_reader = lambda: ChoiceReader(  # noqa: E731
-            self.reasoning_parser() if self.reasoning_parser is not None else None,
-            plan.new_reader(self.tool_parser), request.include_reasoning)
+
+        def new_reader() -> ChoiceReader:
+            reasoning = self.reasoning_parser() if self.reasoning_parser is not None else None
+            return ChoiceReader(reasoning, plan.new_reader(self.tool_parser),
+                                request.include_reasoning)
+
+        return ChatRun(request_id, model, merged, guide_field, new_reader, len(prompt_ids),
+                       top_n)
+
+    async def final_output(self, run: ChatRun) -> RequestOutput:
+        """A non-streamed chat run's whole output."""
+        (final,) = await _naming_guide(self._collect(run.merged, 1), run.guide_field)
+        return final
+
+    async def first_output(self, run: ChatRun):
+        """A streamed run's first output (awaited before answering: input errors the
+        engine finds get their status code, not an error inside a 200 stream)."""
+        return await _naming_guide(self._first(run.merged), run.guide_field)
+
+    async def chat(self, request: ChatCompletionRequest):
+        run = await self.start_chat(request)
         if not request.stream:
-            (final,) = await _naming_guide(self._collect(merged, 1), guide_field)
-            return JSONResponse(self._chat_response(request_id, model, final, top_n, new_reader)
-                                .model_dump(mode="json"))
-        first = await _naming_guide(self._first(merged), guide_field)
+            final = await self.final_output(run)
+            return JSONResponse(self._chat_response(run.request_id, run.model, final, run.top_n,
+                                                    run.new_reader).model_dump(mode="json"))
+        first = await self.first_output(run)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         chunks = lambda outputs: self._chat_chunks(  # noqa: E731
-            outputs, request_id, model, request.n, len(prompt_ids), include_usage,
-            request.logprobs, top_n, new_reader)
-        return StreamingResponse(self._stream(merged, first, chunks),
+            outputs, run.request_id, run.model, request.n, run.num_prompt_tokens, include_usage,
+            request.logprobs, run.top_n, run.new_reader)
+        return StreamingResponse(self._stream(run.merged, first, chunks),
                                  media_type="text/event-stream")
 
     def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, Logprob]],
