@@ -33,6 +33,7 @@ from pagedserve.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from pagedserve.server.responses import OpenAIServingResponses, ResponsesRequest
 from pagedserve.server.serving import OpenAIServing, OpenAIServingEmbedding
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
     metrics = ServerMetrics(async_engine)
     serving = OpenAIServing(async_engine, served_model_names, chat_template, metrics,
                             tool_parser=tool_call_parser, reasoning_parser=reasoning_parser)
+    serving_responses = OpenAIServingResponses(serving)
     serving_embedding = OpenAIServingEmbedding(embedding_engine, embedding_model_name,
                                                served_model_names, embedding_overflow)
 
@@ -265,6 +267,10 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request):
         return await cancel_on_disconnect(raw_request, serving.completion(request))
+
+    @app.post("/v1/responses")
+    async def responses(request: ResponsesRequest, raw_request: Request):
+        return await cancel_on_disconnect(raw_request, serving_responses.create(request))
 
     @app.post("/v1/embeddings")
     async def embeddings(request: EmbeddingRequest, raw_request: Request):

@@ -67,7 +67,7 @@ from pagedserve.server.tools import ToolPlan, conversation, template_knows_tools
 _MIN_LOGPROB = -9999.0
 
 
-class _ChoiceStream:
+class ChoiceStream:
     """What one streamed choice has sent, from the engine's delta outputs (each holds only
     new text, tokens and logprobs, so a chunk costs O(new) however long the output)."""
 
@@ -553,7 +553,7 @@ class OpenAIServing:
 
         for i in range(n):
             yield chunk([ChatStreamChoice(index=i, delta={"role": "assistant", "content": ""})])
-        streams = [_ChoiceStream() for _ in range(n)]
+        streams = [ChoiceStream() for _ in range(n)]
         readers = [new_reader() for _ in range(n)]
         async for _, output in outputs:
             for out in output.outputs:
@@ -739,7 +739,7 @@ class OpenAIServing:
                                            choices=choices, usage=usage).model_dump_json())
 
         total = len(prompts) * n
-        streams = [_ChoiceStream() for _ in range(total)]
+        streams = [ChoiceStream() for _ in range(total)]
         echoed = [not request.echo] * total
         text_offset = [len(echo_texts[i // n]) for i in range(total)]
         # Deltas carry the prompt's logprobs once, in a prompt's first output; a choice
