@@ -207,14 +207,15 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               embedding_engine: AsyncEmbeddingEngine | None = None,
               embedding_model_name: str | None = None,
-              tool_call_parser: str = "hermes", reasoning_parser: str | None = None,
+              tool_call_parser: str = "auto", reasoning_parser: str | None = None,
               protect_metrics: bool = False,
               enable_docs: bool = True,
               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
               embedding_overflow: str = "truncate") -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine (and, for /v1/embeddings, an
     AsyncEmbeddingEngine); shuts them down when the app stops (its lifespan).
-    `tool_call_parser`: how tool calls are read from tool_choice "auto" output.
+    `tool_call_parser`: how tool calls are read from tool_choice "auto" output ("auto":
+    from the chat template).
     `reasoning_parser`: how a reasoning model's thinking is told from its answer.
     `protect_metrics`: /metrics needs the API key too. `enable_docs`: serve /docs, /redoc
     and /openapi.json. `body_timeout_s`: how long a request's body may take to arrive.

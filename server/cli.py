@@ -229,10 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None,
                        help="a Jinja chat template (file path or the template itself) "
                             "instead of the tokenizer's")
-    serve.add_argument("--tool-call-parser", default="hermes", choices=sorted(TOOL_PARSERS),
+    serve.add_argument("--tool-call-parser", default="auto",
+                       choices=["auto", *sorted(TOOL_PARSERS)],
                        help="the model's tool-call format, read from the output when "
-                            "tool_choice is \"auto\" (hermes: <tool_call>{...}</tool_call>, "
-                            "which the default tool prompt asks for)")
+                            "tool_choice is \"auto\": hermes (<tool_call>{...}</tool_call>, "
+                            "which the default tool prompt asks for), qwen3_xml (Qwen3-Coder), "
+                            "llama3_json (Llama 3.x JSON), pythonic (Llama 3.2 / 4), mistral "
+                            "([TOOL_CALLS]); auto (default): from the chat template's markers")
     serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                        help="a reasoning model's format: its <think>...</think> comes back as "
                             "message.reasoning_content (and reasoning), streamed as deltas, "

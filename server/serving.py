@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import time
 import uuid
@@ -60,8 +61,15 @@ from pagedserve.server.protocol import (
     text_chars,
 )
 from pagedserve.server.reasoning_parsers import ReasoningParser, get_reasoning_parser
-from pagedserve.server.tool_parsers import StreamDelta, ToolCallStream, get_tool_parser
+from pagedserve.server.tool_parsers import (
+    StreamDelta,
+    ToolCallStream,
+    detect_tool_parser,
+    get_tool_parser,
+)
 from pagedserve.server.tools import ToolPlan, conversation, template_knows_tools, tool_dicts
+
+logger = logging.getLogger(__name__)
 
 # JSON has no -inf; OpenAI and vLLM clamp to this.
 _MIN_LOGPROB = -9999.0
@@ -265,7 +273,7 @@ class OpenAIServing:
 
     def __init__(self, async_engine: AsyncEngine, served_model_names: list[str],
                  chat_template: str | None = None, metrics: ServerMetrics | None = None,
-                 tool_parser: str = "hermes", reasoning_parser: str | None = None) -> None:
+                 tool_parser: str = "auto", reasoning_parser: str | None = None) -> None:
         """`tool_parser`: the model's tool-call format (tool_choice "auto");
         `reasoning_parser`: how its thinking is told from its answer (None: it is not)."""
         if not served_model_names:
@@ -274,13 +282,17 @@ class OpenAIServing:
         self.served_model_names = list(served_model_names)
         self.chat_template = chat_template
         self.metrics = metrics
+        self.tokenizer = async_engine.get_tokenizer()
+        template = chat_template or (self.tokenizer.chat_template if self.tokenizer else None)
+        if tool_parser == "auto":  # the format the chat template asks the model for
+            tool_parser = detect_tool_parser(template if isinstance(template, str)
+                                             else json.dumps(template))
+            logger.info("tool-call parser: %s (from the chat template's markers)", tool_parser)
         self.tool_parser = get_tool_parser(tool_parser)  # for tool_choice "auto"
         self.reasoning_parser = (get_reasoning_parser(reasoning_parser)
                                  if reasoning_parser is not None else None)
-        self.tokenizer = async_engine.get_tokenizer()
         # Templates that know no tools get the default tool prompt (server/tools.py).
-        self.template_knows_tools = template_knows_tools(
-            chat_template or (self.tokenizer.chat_template if self.tokenizer else None))
+        self.template_knows_tools = template_knows_tools(template)
         info = async_engine.model_info
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
@@ -467,9 +479,12 @@ class OpenAIServing:
                       else request.max_tokens)
         self.check_length(len(prompt_ids), max_tokens, "messages")
         top_n = request.top_logprobs or 0
+        overrides = {}
+        if plan.mode == "auto" and self.tool_parser.needs_special_tokens:
+            overrides["skip_special_tokens"] = False  # the calls' markers are such tokens
         params = self.sampling_params(request, max_tokens=max_tokens,
                                       logprobs=top_n if request.logprobs else None,
-                                      guided_decoding=guide)
+                                      guided_decoding=guide, **overrides)
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         merged = merge_async_iterators(self.generate(
             request_id, {"prompt": text, "prompt_token_ids": prompt_ids}, params))

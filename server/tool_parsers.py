@@ -7,7 +7,9 @@ response feeds the whole text at once, so streamed and non-streamed answers cann
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -114,13 +116,22 @@ def partial_prefix_len(text: str, tag: str) -> int:
 # ---- tool_choice "auto": parsers of the model's own call format -----------------------
 class ToolParser(ToolCallStream):
     """A model's tool-call format, for tool_choice "auto". `parallel=False` keeps the first
-    call only (the request's parallel_tool_calls)."""
+    call only (the request's parallel_tool_calls). `tools`: the request's tools (OpenAI's
+    JSON), for formats whose argument values are text that the schema types."""
 
     name: ClassVar[str]
+    # The format's markers are special tokens ([TOOL_CALLS], <|python_tag|>): the text
+    # must keep them (skip_special_tokens off) for the calls to be found.
+    needs_special_tokens: ClassVar[bool] = False
 
-    def __init__(self, parallel: bool = True) -> None:
+    def __init__(self, parallel: bool = True, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.parallel = parallel
+        self.tools = tools or []
+
+    def _send(self, calls: list[tuple[str, str]], out: StreamDelta) -> None:
+        for name, arguments in calls[:None if self.parallel else max(0, 1 - len(self.calls))]:
+            self._add_arguments(self._open_call(name, out), arguments, out)
 
 
 class HermesToolParser(ToolParser):
@@ -135,8 +146,8 @@ class HermesToolParser(ToolParser):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
 
-    def __init__(self, parallel: bool = True) -> None:
-        super().__init__(parallel)
+    def __init__(self, parallel: bool = True, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(parallel, tools)
         self._buffer = ""
         self._in_block = False
         self._text = TrimmedText()
@@ -167,30 +178,257 @@ class HermesToolParser(ToolParser):
             call = self._read_block(block)
             if call is None:
                 out.content += self._text.push(markup)
-            elif self.parallel or not self.calls:
-                self._add_arguments(self._open_call(call[0], out), call[1], out)
+            else:
+                self._send([call], out)
 
-    @staticmethod
-    def _read_block(block: str) -> tuple[str, str] | None:
+    def _read_block(self, block: str) -> tuple[str, str] | None:
         """(name, arguments JSON) of a block, or None when it is not a call."""
         try:
-            obj = json.loads(block)
+            return _json_call(json.loads(block))
         except ValueError:
             return None
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+
+
+def _json_call(obj: Any) -> tuple[str, str] | None:
+    """(name, arguments JSON) of {"name": ..., "arguments" or "parameters": {...}}."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    arguments = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(arguments, str):  # some models encode the arguments object twice
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
             return None
-        arguments = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(arguments, str):  # some models encode the arguments object twice
+    if not isinstance(arguments, dict):
+        return None
+    return obj["name"], json.dumps(arguments, ensure_ascii=False)
+
+
+class Qwen3XmlToolParser(HermesToolParser):
+    """Qwen3-Coder: `<tool_call>` blocks holding XML, one function each:
+    `<function=NAME><parameter=KEY>value</parameter>...</function>`. Values are text; each
+    is typed by the function's schema (a string stays text, anything else is read as
+    JSON where it parses)."""
+
+    name = "qwen3_xml"
+    _FUNCTION = re.compile(r"\s*<function=([^>\s]+)>(.*?)</function>\s*", re.S)
+    _PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)</parameter>", re.S)
+
+    def _read_block(self, block: str) -> tuple[str, str] | None:
+        match = self._FUNCTION.fullmatch(block)
+        if match is None:
+            return None
+        name, body = match.groups()
+        types = _parameter_types(self.tools, name)
+        arguments = {}
+        for key, raw in self._PARAMETER.findall(body):
+            value = raw.strip("\n")
+            if types.get(key) != "string":
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            arguments[key] = value
+        return name, json.dumps(arguments, ensure_ascii=False)
+
+
+def _parameter_types(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """{parameter: its JSON schema type} for the function `name` among `tools`."""
+    for tool in tools:
+        function = tool.get("function", {})
+        if function.get("name") == name:
+            properties = (function.get("parameters") or {}).get("properties", {})
+            return {k: v.get("type") for k, v in properties.items() if isinstance(v, dict)}
+    return {}
+
+
+class _TrailingCallsParser(ToolParser):
+    """Formats whose calls take the rest of the output once they start: after one of
+    MARKERS anywhere, or from the first character when the output opens with one of
+    OPENERS (which belong to the calls' own syntax). Text before streams as content; the
+    calls are read when the text ends. Calls that do not read go to the content verbatim,
+    as they would non-streamed."""
+
+    MARKERS: ClassVar[tuple[str, ...]] = ()
+    OPENERS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, parallel: bool = True, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(parallel, tools)
+        self._buffer = ""
+        self._calls: str | None = None  # the text after the marker, once one came
+        self._marker = ""
+        self._started = False  # content has begun: openers no longer count
+        self._text = TrimmedText()
+
+    def _read(self, text: str, final: bool) -> StreamDelta:
+        out = StreamDelta()
+        if self._calls is not None:
+            self._calls += text
+        else:
+            self._buffer += text
+            if not self._started:
+                head = self._buffer.lstrip()
+                if any(head.startswith(o) for o in self.OPENERS):
+                    self._calls, self._buffer = head, ""
+                elif not final and any(o.startswith(head) for o in self.OPENERS):
+                    return out  # it may yet open the calls
+            if self._calls is None:
+                self._find_marker(out, final)
+        if final and self._calls is not None:
+            calls = self._parse(self._calls)
+            if calls is None:
+                out.content += self._text.push(self._marker + self._calls)
+            else:
+                self._send(calls, out)
+            self._calls = ""
+        return out
+
+    def _find_marker(self, out: StreamDelta, final: bool) -> None:
+        found = [(self._buffer.find(m), m) for m in self.MARKERS if m in self._buffer]
+        if found:
+            start, marker = min(found)
+            out.content += self._text.push(self._buffer[:start])
+            self._calls, self._marker = self._buffer[start + len(marker):], marker
+            self._buffer = ""
+            return
+        keep = 0 if final else max((partial_prefix_len(self._buffer, m) for m in self.MARKERS),
+                                   default=0)
+        content = self._buffer[:len(self._buffer) - keep]
+        self._started |= bool(content.strip())
+        out.content += self._text.push(content)
+        self._buffer = self._buffer[len(self._buffer) - keep:]
+
+    def _parse(self, text: str) -> list[tuple[str, str]] | None:
+        """(name, arguments JSON) of each call in `text`, or None if it is not calls."""
+        raise NotImplementedError
+
+
+def _json_values(text: str, separators: str) -> list[Any] | None:
+    """The JSON values in `text`, one after another, `separators` between; None if
+    anything else is there."""
+    decoder, values, pos = json.JSONDecoder(), [], 0
+    while True:
+        while pos < len(text) and (text[pos].isspace() or text[pos] in separators):
+            pos += 1
+        if pos == len(text):
+            return values or None
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+class Llama3JsonToolParser(_TrailingCallsParser):
+    """Llama 3.1 / 3.2 / 3.3 JSON calls: `{"name": ..., "parameters": {...}}` as the whole
+    reply (after `<|python_tag|>` or not), several separated by `;`."""
+
+    name = "llama3_json"
+    needs_special_tokens = True
+    MARKERS = ("<|python_tag|>",)
+    OPENERS = ("{",)
+
+    def _parse(self, text: str) -> list[tuple[str, str]] | None:
+        values = _json_values(text, ";")
+        calls = [_json_call(v) for v in values or ()]
+        return calls if calls and None not in calls else None
+
+
+class MistralToolParser(_TrailingCallsParser):
+    """Mistral: `[TOOL_CALLS]` then a JSON list of {"name", "arguments"} (v0.3), or, from
+    the v11 tokenizer on, `name[ARGS]{...}` for each call, `[TOOL_CALLS]` between."""
+
+    name = "mistral"
+    needs_special_tokens = True
+    MARKERS = ("[TOOL_CALLS]",)
+    OPENERS = ('[{"name"',)  # the list, when the marker token was skipped
+
+    def _parse(self, text: str) -> list[tuple[str, str]] | None:
+        text = text.strip()
+        if text.startswith("["):
+            values = _json_values(text, "")
+            if not values or len(values) != 1 or not isinstance(values[0], list):
+                return None
+            calls = [_json_call(v) for v in values[0]]
+        else:
+            calls = []
+            for part in text.split("[TOOL_CALLS]"):
+                name, sep, arguments = part.partition("[ARGS]")
+                if not sep:
+                    return None
+                try:
+                    calls.append(_json_call({"name": name.strip(),
+                                             "arguments": json.loads(arguments)}))
+                except ValueError:
+                    return None
+        return calls if calls and None not in calls else None
+
+
+class PythonicToolParser(_TrailingCallsParser):
+    """Llama 3.2 (pythonic template) and Llama 4: a Python list of calls with keyword
+    arguments, `[get_weather(city="Oslo"), now()]`, as the whole reply (Llama 4 wraps it in
+    `<|python_start|>...<|python_end|>`). Arguments are Python literals (true / false /
+    null read as JSON's too)."""
+
+    name = "pythonic"
+    needs_special_tokens = True
+    MARKERS = ("<|python_start|>",)
+    OPENERS = ("[",)
+    _NAMES = {"true": True, "false": False, "null": None}
+
+    def _parse(self, text: str) -> list[tuple[str, str]] | None:
+        text = text.strip().removesuffix("<|python_end|>").strip()
+        try:
+            tree = ast.parse(text, mode="eval").body
+        except SyntaxError:
+            return None
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return None
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or node.args:
+                return None
             try:
-                arguments = json.loads(arguments)
+                name = ast.unparse(node.func)  # a name, or a dotted one
+                arguments = {kw.arg: self._literal(kw.value) for kw in node.keywords}
             except ValueError:
                 return None
-        if not isinstance(arguments, dict):
-            return None
-        return obj["name"], json.dumps(arguments, ensure_ascii=False)
+            if None in arguments or not re.fullmatch(r"[\w.\-]+", name):
+                return None
+            calls.append((name, json.dumps(arguments, ensure_ascii=False)))
+        return calls
+
+    def _literal(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Name) and node.id in self._NAMES:
+            return self._NAMES[node.id]
+        if isinstance(node, ast.List):
+            return [self._literal(e) for e in node.elts]
+        if isinstance(node, ast.Dict):
+            return {self._literal(k): self._literal(v) for k, v in zip(node.keys, node.values)}
+        return ast.literal_eval(node)  # ValueError for anything but a literal
 
 
-TOOL_PARSERS: dict[str, type[ToolParser]] = {HermesToolParser.name: HermesToolParser}
+TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    parser.name: parser for parser in (HermesToolParser, Qwen3XmlToolParser,
+                                       Llama3JsonToolParser, MistralToolParser,
+                                       PythonicToolParser)}
+
+
+def detect_tool_parser(chat_template: str | None) -> str:
+    """The tool-call format a chat template asks its model for, from its markers; "hermes"
+    when it names none (also the format of the default tool prompt)."""
+    template = chat_template or ""
+    if "<function=" in template and "<parameter=" in template:
+        return Qwen3XmlToolParser.name
+    if "<tool_call>" in template:
+        return HermesToolParser.name
+    if "[TOOL_CALLS]" in template:
+        return MistralToolParser.name
+    if "<|python_start|>" in template or "[func_name1(" in template:
+        return PythonicToolParser.name
+    if "<|python_tag|>" in template or '"parameters"' in template:
+        return Llama3JsonToolParser.name
+    return HermesToolParser.name
 
 
 def get_tool_parser(name: str) -> type[ToolParser]:

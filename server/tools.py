@@ -125,7 +125,7 @@ class ToolPlan:
     def new_reader(self, parser: type[ToolParser]) -> ToolCallStream | None:
         """A fresh reader for one choice's output; None: the output is plain content."""
         if self.mode == "auto":
-            return parser(parallel=self.parallel)
+            return parser(parallel=self.parallel, tools=self.prompt_tools)
         if self.mode in ("required", "named"):
             return GuidedToolCallStream(self.forced_function)
         return None

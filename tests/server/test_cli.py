@@ -18,7 +18,9 @@ def test_serve_parses_its_options(monkeypatch):
     assert args.served_model_name == ["a", "b"] and args.max_waiting_requests == 4
     assert args.api_key == "from-env" and args.log_level == "info"
     assert build_parser().parse_args(["serve", "--api-key", "k"]).api_key == "k"
-    assert args.tool_call_parser == "hermes"
+    assert args.tool_call_parser == "auto" and args.reasoning_parser is None
+    chosen = build_parser().parse_args(["serve", "--tool-call-parser", "mistral"])
+    assert chosen.tool_call_parser == "mistral"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--tool-call-parser", "no-such-format"])
 
