@@ -6,6 +6,7 @@ guided request, so an engine that never sees one never loads it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -58,6 +59,14 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         self._xgr = xgr
+        # Text the grammar forces (keys, punctuation, a lone enum value) is spelled the way
+        # the tokenizer spells it: the model is never made to write `s|et|u|p` for "setup"
+        # (a spelling it never saw, after which small models derail). Off only to measure
+        # what it is worth (benchmarks/structured_output.py).
+        self.canonical_forced_tokens = True
+        # Its own copy: fill_bitmask runs on the engine thread, while the caller's copy may
+        # be in use on another (a Rust tokenizer refuses two threads at once).
+        self._tokenizer = copy.deepcopy(tokenizer)
         self.vocab_size = vocab_size
         self.device = device
         # vocab_size is the model's logits width, which may exceed the tokenizer's length:
@@ -142,12 +151,46 @@ class StructuredOutputManager:
         ]
         if not rows:
             return None
+        if self.canonical_forced_tokens:
+            for i in rows:
+                token = self._forced_token(matchers[i], self._bitmask[i])
+                if token is not None:  # the only token the row may take
+                    self._bitmask[i].zero_()
+                    self._bitmask[i, token >> 5] = _bit(token)
         bitmask = self._bitmask[:len(matchers)]
         if bitmask.device != self.device:
             # The host buffer is refilled next step only after this step's token read-back
             # has synchronised, so the copy is done by then.
             bitmask = bitmask.to(self.device, non_blocking=True)
         return GrammarBitmask(bitmask, rows, self.vocab_size)
+
+
+    def _forced_token(self, matcher: xgrammar.GrammarMatcher,
+                      row: torch.Tensor) -> int | None:
+        """The next token of the tokenizer's own spelling of the text the grammar forces
+        from here, or None when nothing is forced or the spelling's end is not settled."""
+        forced = matcher.find_jump_forward_string()
+        if not forced:
+            return None
+        ids = self._tokenizer.encode(forced, add_special_tokens=False)
+        # The forced text's last token may merge with what the model writes next (` "`
+        # then `A`...): a lone token is forced only where xgrammar finds no longer token
+        # extending it. A tokenizer that spells text alone differently (SentencePiece
+        # prepends a space) falls back to xgrammar's longest-match spelling.
+        if not ids or not _allowed(row, ids[0]) or (
+                len(ids) == 1 and matcher.find_jump_forward_tokens() != ids):
+            ids = matcher.find_jump_forward_tokens()
+        return ids[0] if ids and _allowed(row, ids[0]) else None
+
+
+def _bit(token: int) -> int:
+    """Token's bit in its int32 bitmask word (bit 31 is the sign)."""
+    bit = 1 << (token & 31)
+    return bit - (1 << 32) if bit >= 1 << 31 else bit
+
+
+def _allowed(row: torch.Tensor, token: int) -> bool:
+    return 0 <= token < row.numel() * 32 and bool((int(row[token >> 5]) >> (token & 31)) & 1)
 
 
 def _cache_key(guided: GuidedDecodingParams) -> tuple:

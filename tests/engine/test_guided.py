@@ -335,3 +335,38 @@ def test_preemption_and_chunked_prefill_do_not_disturb_the_grammar(llm, mixed_ba
     assert small.llm_engine.scheduler.num_preemptions > 0
     for name, out in zip(names, outputs, strict=True):
         assert out.outputs[0].token_ids == mixed_batch[f"{name}/greedy"].outputs[0].token_ids
+
+
+JOKE = {"type": "object", "properties": {"setup": {"type": "string"},
+                                         "punchline": {"type": "string"}},
+        "required": ["setup", "punchline"]}
+
+
+def test_forced_text_is_spelled_as_the_tokenizer_spells_it(llm):
+    """Where the schema forces a key, the row allows only the tokenizer's own first token
+    of it (`setup`), never its pieces (`s`, `set`, ...), which the grammar alone permits and
+    SmolLM2 then derails after. Where the forced text may merge with what follows (the
+    ` "` before a free string), the choice stays open."""
+    engine = llm.llm_engine
+    manager = engine._get_structured_output()
+    vocab = engine.hf_config.vocab_size
+    tok = llm.get_tokenizer()
+    compiled = manager.compile(guided(json=JOKE))
+
+    def allowed_after(text: str, canonical: bool) -> torch.Tensor:
+        matcher = manager.new_matcher(compiled, engine.eos_token_ids)
+        for token in tok.encode(text, add_special_tokens=False):
+            assert matcher.accept_token(token)
+        manager.canonical_forced_tokens = canonical
+        try:
+            return unpack_bitmask(manager.fill_bitmask([matcher]).bitmask[0], vocab)
+        finally:
+            manager.canonical_forced_tokens = True
+
+    setup = tok.convert_tokens_to_ids("setup")
+    pieces = [tok.convert_tokens_to_ids(t) for t in ("s", "set")]
+    free = allowed_after('{"', canonical=False)
+    assert free[setup] and all(free[p] for p in pieces)  # the grammar alone allows pieces
+    forced = allowed_after('{"', canonical=True)
+    assert forced.nonzero().flatten().tolist() == [setup]
+    assert allowed_after('{"setup":', canonical=True).sum() > 1  # ` "` may merge onwards
