@@ -80,3 +80,28 @@ def test_with_structured_output(llm, method):
     person = structured.invoke("Make up a person named Anna who is 31 years old.")
     assert isinstance(person, Person)
     assert person.name == "Anna" and person.age == 31
+
+
+# Deprecated for langchain's create_agent, but what today's agents are built with.
+@pytest.mark.filterwarnings("ignore:create_react_agent has been moved")
+def test_langgraph_react_agent_loop(llm):
+    """LangGraph's create_react_agent over /v1/chat/completions: model -> tool -> model ->
+    answer. Its first turn forces the call (a 135M model rarely calls tools on its own);
+    after the ToolMessage the model may call again or answer, and the graph ends in text."""
+    from langgraph.prebuilt import create_react_agent
+
+    forced = llm.bind_tools([get_weather], tool_choice="required")
+    auto = llm.bind_tools([get_weather])
+
+    def select_model(state, runtime):
+        called = any(isinstance(m, ToolMessage) for m in state["messages"])
+        return auto if called else forced
+
+    agent = create_react_agent(select_model, [get_weather])
+    result = agent.invoke({"messages": [HumanMessage(QUESTION)]}, {"recursion_limit": 8})
+    messages = result["messages"]
+    calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert calls and calls[0]["name"] == "get_weather"
+    results = [m for m in messages if isinstance(m, ToolMessage)]
+    assert results and "sunny" in results[0].content
+    assert isinstance(messages[-1], AIMessage) and not messages[-1].tool_calls
