@@ -78,6 +78,9 @@ def test_stream_events_rebuild_the_response(long_client, long_http):
 def test_function_calls_and_a_multi_turn_with_their_output(long_client):
     kwargs = dict(model=MODEL_NAME, input="Weather in Oslo?", tools=[WEATHER],
                   tool_choice="required", max_output_tokens=60, temperature=0)
+    several = long_client.responses.create(**kwargs)
+    assert {item.name for item in several.output} == {"get_weather"}
+    kwargs["parallel_tool_calls"] = False  # at most one call
     response = long_client.responses.create(**kwargs)
     (call,) = [item for item in response.output if item.type == "function_call"]
     assert call.name == "get_weather" and call.call_id.startswith("call_")
