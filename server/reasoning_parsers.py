@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pagedserve.server.tool_parsers import TrimmedText, partial_prefix_len
+from pagedserve.server.tool_parsers import TrimmedText, lookup_parser, partial_prefix_len
 
 _START, _REASONING, _AFTER, _CONTENT = range(4)
 
@@ -111,8 +111,4 @@ REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
 
 
 def get_reasoning_parser(name: str) -> type[ReasoningParser]:
-    try:
-        return REASONING_PARSERS[name]
-    except KeyError:
-        raise ValueError(f"unknown reasoning parser {name!r}; known: "
-                         f"{', '.join(sorted(REASONING_PARSERS))}") from None
+    return lookup_parser(REASONING_PARSERS, name, "reasoning parser")

@@ -12,7 +12,9 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T")
 
 
 def new_tool_call_id() -> str:
@@ -431,12 +433,17 @@ def detect_tool_parser(chat_template: str | None) -> str:
     return HermesToolParser.name
 
 
-def get_tool_parser(name: str) -> type[ToolParser]:
+def lookup_parser(registry: dict[str, T], name: str, what: str) -> T:
+    """registry[name], or a ValueError that lists the known names."""
     try:
-        return TOOL_PARSERS[name]
+        return registry[name]
     except KeyError:
-        raise ValueError(f"unknown tool call parser {name!r}; known: "
-                         f"{', '.join(sorted(TOOL_PARSERS))}") from None
+        raise ValueError(f"unknown {what} {name!r}; known: "
+                         f"{', '.join(sorted(registry))}") from None
+
+
+def get_tool_parser(name: str) -> type[ToolParser]:
+    return lookup_parser(TOOL_PARSERS, name, "tool call parser")
 
 
 # ---- forced calls: the output is JSON that guided decoding made well-formed ------------
