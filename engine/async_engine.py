@@ -109,6 +109,10 @@ class AsyncEngine:
         self._tokenizer = (AsyncTokenizer(self.engine.tokenizer)
                            if self.engine.tokenizer is not None else None)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # Held to queue a command that wants an answer, and by the thread for its last
+        # look at the queue: no caller then waits on a command nobody will read.
+        self._submit_lock = threading.Lock()
+        self._drained = False
         self._streams: dict[str, _Stream] = {}  # in-flight requests; the engine thread's own
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
@@ -135,7 +139,8 @@ class AsyncEngine:
             manager = await self._compile_grammar(params.guided_decoding)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         accepted: Future = Future()
-        self._commands.put(_Add(request_id, prompt, params, stream, accepted, manager))
+        # Checked again: the engine may have stopped while the grammar compiled.
+        self._submit(_Add(request_id, prompt, params, stream, accepted, manager))
         finished = False
         try:
             await asyncio.wrap_future(accepted)
@@ -177,10 +182,11 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         """Abort a request (its generate() ends with finish_reason "abort"); returns once
         the engine has done so. Unknown ids are ignored."""
-        if self._closed or not self._thread.is_alive():
-            return
         done: Future = Future()
-        self._commands.put(_Abort(request_id, None, done))
+        try:
+            self._submit(_Abort(request_id, None, done))
+        except EngineDeadError:
+            return  # stopped: nothing runs any more
         await asyncio.wrap_future(done)
 
     def stats(self) -> EngineStats:
@@ -195,15 +201,31 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self._dead is None and not self._closed and self._thread.is_alive()
 
-    async def shutdown(self, abort_in_flight: bool = True) -> None:
-        """Stop the loop thread: abort in-flight requests, or let them finish first."""
+    async def stop(self, abort_in_flight: bool = True) -> None:
+        """Stop the loop thread: abort in-flight requests (they end with finish_reason
+        "abort"), or let them finish first. New requests are refused from now on
+        (EngineShutDownError); the tokenizer stays usable, so a request being prepared
+        learns that from generate() rather than from a closed tokenizer."""
         if not self._closed:
             self._closed = True
             self._commands.put(_Stop(abort_in_flight))
         await asyncio.to_thread(self._thread.join)
+
+    async def shutdown(self, abort_in_flight: bool = True) -> None:
+        """stop(), then release the tokenizer and grammar threads."""
+        await self.stop(abort_in_flight)
         if self._tokenizer is not None:
             self._tokenizer.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        """Queue a command the caller awaits an answer to; EngineDeadError (or
+        EngineShutDownError) if the loop no longer reads commands."""
+        with self._submit_lock:
+            self._check_alive()
+            if self._drained:
+                raise EngineShutDownError("the engine is shut down")
+            self._commands.put(command)
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -239,7 +261,21 @@ class AsyncEngine:
                 self._stats = self.engine.stats()
             for output in outputs:
                 self._deliver(output)
+        with self._submit_lock:  # the last look: what is still queued gets its answer
+            self._drained = True
+            while True:
+                try:
+                    self._refuse(self._commands.get_nowait())
+                except queue.Empty:
+                    break
         logger.info("engine loop stopped")
+
+    def _refuse(self, command: _Add | _Abort | _Stop) -> None:
+        if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
+            command.accepted.set_exception(EngineShutDownError("the engine is shut down"))
+        elif (isinstance(command, _Abort) and command.done is not None
+              and command.done.set_running_or_notify_cancel()):
+            command.done.set_result(None)
 
     def _handle(self, command: _Add | _Abort | _Stop, stopping: bool) -> bool:
         """Run one command; True if it was the stop."""

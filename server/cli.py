@@ -154,6 +154,7 @@ def load_embedding_engine(args: argparse.Namespace, logger: logging.Logger):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.server import STARTUP_FAILURE
 
     from pagedserve.engine import EngineConfig
     from pagedserve.engine.async_engine import AsyncEngine
@@ -180,8 +181,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # --shutdown-timeout seconds, then abort the rest in the engine (each stream still
     # ends with a finish_reason and [DONE]); the app's lifespan then stops the engine.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    GracefulServer(config, async_engine, drain_timeout=args.shutdown_timeout).run()
-    return 0
+    server = GracefulServer(config, async_engine, drain_timeout=args.shutdown_timeout)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C: uvicorn's forced exit
+        pass
+    # As uvicorn.run: a server that never started (say, the port is taken) exits 3.
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,4 +55,9 @@ class GracefulServer(uvicorn.Server):
         stats = self.async_engine.stats()
         logger.info("shutdown timeout reached: aborting %d in-flight requests",
                     stats.num_running + stats.num_waiting)
-        await self.async_engine.shutdown(abort_in_flight=True)
+        try:
+            # stop, not shutdown: a request still being tokenized then gets its 503 from
+            # the engine, not an error from a closed tokenizer (the lifespan closes it).
+            await self.async_engine.stop(abort_in_flight=True)
+        except Exception:
+            logger.exception("aborting in-flight requests at shutdown failed")

@@ -290,6 +290,37 @@ def test_shutdown_joins_the_thread(tiny_dir, abort_in_flight):
     assert_pool_full(engine)
 
 
+def test_a_request_that_outlives_the_loop_is_refused_not_left_waiting(tiny_dir, monkeypatch):
+    """A guided request whose grammar still compiles when the engine stops (at the
+    shutdown timeout) gets EngineShutDownError once it is compiled; it never waits on a
+    queue nobody reads."""
+    from pagedserve.engine.async_engine import EngineShutDownError
+    from pagedserve.engine.sampling_params import GuidedDecodingParams
+
+    engine = AsyncEngine(make_config(tiny_dir))
+    compiled = threading.Event()
+
+    async def slow_compile(guided):
+        await asyncio.to_thread(compiled.wait, 10)
+
+    monkeypatch.setattr(engine, "_compile_grammar", slow_compile)
+    params = SamplingParams(max_tokens=4, guided_decoding=GuidedDecodingParams(regex="a+"),
+                            **GREEDY)
+
+    async def main():
+        request = asyncio.create_task(collect(engine, [5, 6], params))
+        await asyncio.sleep(0.05)  # it is compiling
+        await engine.stop()
+        compiled.set()
+        with pytest.raises(EngineShutDownError):
+            await asyncio.wait_for(request, 10)
+        await engine.abort("nobody")  # returns at once: nothing runs
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert not engine._thread.is_alive()
+
+
 def test_one_failing_request_does_not_stop_the_others(tiny_dir, monkeypatch):
     """A request whose output processing raises fails alone; the engine stays healthy."""
     from pagedserve.engine.async_engine import RequestFailedError
