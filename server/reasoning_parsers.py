@@ -29,7 +29,12 @@ class ReasoningParser:
     # the block in the prompt (DeepSeek-R1), or the model opens it itself (Qwen3).
     opens_in_reasoning: ClassVar[bool]
 
-    def __init__(self) -> None:
+    def __init__(self, opens_in_reasoning: bool | None = None) -> None:
+        """`opens_in_reasoning`: override the format's default (False for a guided request:
+        its grammar shapes the output from the first token, so only an explicit <think>
+        can start reasoning)."""
+        if opens_in_reasoning is not None:
+            self.opens_in_reasoning = opens_in_reasoning
         self._buffer = ""
         self._state = _START
         self._reasoning = TrimmedText()
@@ -78,7 +83,7 @@ class ReasoningParser:
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 return reasoning, content
             elif self._state == _AFTER:  # "</think>\n\n" comes before the answer
-                self._buffer = self._buffer.lstrip()
+                self._buffer = self._buffer.lstrip("\r\n")  # (not its indentation)
                 if not self._buffer:
                     return reasoning, content
                 self._state = _CONTENT

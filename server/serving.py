@@ -285,8 +285,8 @@ class OpenAIServing:
         self.tokenizer = async_engine.get_tokenizer()
         template = chat_template or (self.tokenizer.chat_template if self.tokenizer else None)
         if tool_parser == "auto":  # the format the chat template asks the model for
-            tool_parser = detect_tool_parser(template if isinstance(template, str)
-                                             else json.dumps(template))
+            tool_parser = detect_tool_parser(template if not isinstance(template, dict)
+                                             else "\n".join(template.values()))
             logger.info("tool-call parser: %s (from the chat template's markers)", tool_parser)
         self.tool_parser = get_tool_parser(tool_parser)  # for tool_choice "auto"
         self.reasoning_parser = (get_reasoning_parser(reasoning_parser)
@@ -490,7 +490,10 @@ class OpenAIServing:
             request_id, {"prompt": text, "prompt_token_ids": prompt_ids}, params))
 
         def new_reader() -> ChoiceReader:
-            reasoning = self.reasoning_parser() if self.reasoning_parser is not None else None
+            reasoning = None
+            if self.reasoning_parser is not None:
+                # Guided output is the grammar's from its first token: no implicit thinking.
+                reasoning = self.reasoning_parser(False if guide is not None else None)
             return ChoiceReader(reasoning, plan.new_reader(self.tool_parser),
                                 request.include_reasoning)
 

@@ -221,11 +221,11 @@ class Qwen3XmlToolParser(HermesToolParser):
         if match is None:
             return None
         name, body = match.groups()
-        types = _parameter_types(self.tools, name)
+        schemas = _parameter_schemas(self.tools, name)
         arguments = {}
         for key, raw in self._PARAMETER.findall(body):
-            value = raw.strip("\n")
-            if types.get(key) != "string":
+            value = raw.removeprefix("\n").removesuffix("\n")
+            if not _may_be_string(schemas.get(key)):
                 try:
                     value = json.loads(value)
                 except ValueError:
@@ -234,14 +234,26 @@ class Qwen3XmlToolParser(HermesToolParser):
         return name, json.dumps(arguments, ensure_ascii=False)
 
 
-def _parameter_types(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    """{parameter: its JSON schema type} for the function `name` among `tools`."""
+def _parameter_schemas(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """{parameter: its JSON schema} for the function `name` among `tools`."""
     for tool in tools:
         function = tool.get("function", {})
         if function.get("name") == name:
             properties = (function.get("parameters") or {}).get("properties", {})
-            return {k: v.get("type") for k, v in properties.items() if isinstance(v, dict)}
+            return {k: v for k, v in properties.items() if isinstance(v, dict)}
     return {}
+
+
+def _may_be_string(schema: dict[str, Any] | None) -> bool:
+    """Whether a value of this schema may be a string (or its type is not known: then the
+    text is kept as it is): Optional[str] is anyOf string | null."""
+    if not schema:
+        return True
+    kind = schema.get("type")
+    if kind is None:
+        branches = schema.get("anyOf") or schema.get("oneOf") or []
+        return not branches or any(_may_be_string(b) for b in branches)
+    return kind == "string" or (isinstance(kind, list) and "string" in kind)
 
 
 class _TrailingCallsParser(ToolParser):
@@ -380,24 +392,30 @@ class PythonicToolParser(_TrailingCallsParser):
 
     def _parse(self, text: str) -> list[tuple[str, str]] | None:
         text = text.strip().removesuffix("<|python_end|>").strip()
-        try:
-            tree = ast.parse(text, mode="eval").body
-        except SyntaxError:
+        if len(text) > self.MAX_CHARS:
             return None
+        try:
+            return self._read_calls(ast.parse(text, mode="eval").body)
+        # Whatever the model wrote: not literals, unhashable keys, sets, NaN, too deep.
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+            return None
+
+    MAX_CHARS = 1 << 16
+
+    def _read_calls(self, tree: ast.expr) -> list[tuple[str, str]] | None:
         if not isinstance(tree, ast.List) or not tree.elts:
             return None
         calls = []
         for node in tree.elts:
             if not isinstance(node, ast.Call) or node.args:
                 return None
-            try:
-                name = ast.unparse(node.func)  # a name, or a dotted one
-                arguments = {kw.arg: self._literal(kw.value) for kw in node.keywords}
-            except ValueError:
+            name = ast.unparse(node.func)  # a name, or a dotted one
+            keys = [kw.arg for kw in node.keywords]
+            if None in keys or len(set(keys)) != len(keys) or not re.fullmatch(r"[\w.\-]+",
+                                                                                name):
                 return None
-            if None in arguments or not re.fullmatch(r"[\w.\-]+", name):
-                return None
-            calls.append((name, json.dumps(arguments, ensure_ascii=False)))
+            arguments = {kw.arg: self._literal(kw.value) for kw in node.keywords}
+            calls.append((name, json.dumps(arguments, ensure_ascii=False, allow_nan=False)))
         return calls
 
     def _literal(self, node: ast.expr) -> Any:

@@ -36,6 +36,7 @@ CASES = [  # parser, model text, reasoning, content
     ("qwen3", "<think>cut off", "cut off", ""),
     ("qwen3", "<think>a</think>b</think>c", "a", "b</think>c"),
     ("qwen3", "<think>\n\n</think>\n\nno thoughts", None, "no thoughts"),
+    ("qwen3", "<think>x</think>\n    indented code", "x", "    indented code"),
 ]
 
 
@@ -122,3 +123,26 @@ def test_chat_template_kwargs_reach_the_template(qwen3_app):
     refused = qwen3_app.post("/v1/chat/completions", json={
         "model": MODEL_NAME, "messages": MESSAGES, "chat_template_kwargs": {"tokenize": True}})
     assert "tokenize" in assert_invalid_request(refused, "chat_template_kwargs")
+
+
+def test_guided_output_is_content_even_for_a_parser_that_opens_in_reasoning(long_server):
+    """deepseek_r1 reads unmarked output as thinking, but a guided request's output is the
+    grammar's from its first token: it stays content (and forced tool calls stay calls)."""
+    from pagedserve.server.app import build_app
+
+    app = TestClient(build_app(long_server.async_engine, [MODEL_NAME],
+                               chat_template=QWEN3_TEMPLATE, reasoning_parser="deepseek_r1"))
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 20, "temperature": 0}
+    guided = app.post("/v1/chat/completions", json={
+        **body, "structured_outputs": {"choice": ["yes", "no"]}}).json()["choices"][0]
+    assert guided["message"]["content"] in ("yes", "no")
+    assert guided["message"]["reasoning_content"] is None
+    tool = {"type": "function", "function": {"name": "now", "parameters": {
+        "type": "object", "properties": {}}}}
+    forced = app.post("/v1/chat/completions", json={
+        **body, "max_tokens": 40, "tools": [tool], "tool_choice": "required",
+        "parallel_tool_calls": False}).json()["choices"][0]
+    assert [c["function"]["name"] for c in forced["message"]["tool_calls"]] == ["now"]
+    free = app.post("/v1/chat/completions", json={**body, "max_tokens": 4}).json()
+    message = free["choices"][0]["message"]  # unguided: no </think>, so all thinking
+    assert message["content"] is None and message["reasoning_content"]

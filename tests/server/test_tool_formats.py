@@ -13,7 +13,10 @@ from pagedserve.server.tool_parsers import detect_tool_parser, get_tool_parser
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
-                                     "zip": {"type": "string"}}}}},
+                                     "zip": {"type": "string"},
+                                     # Optional[str], as pydantic writes it
+                                     "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                                     "flag": {"type": ["string", "null"]}}}}},
          {"type": "function", "function": {"name": "now"}}]
 OSLO = ("get_weather", {"city": "Oslo", "days": 3})
 
@@ -25,6 +28,12 @@ CASES = {  # parser, text, content, calls as (name, arguments)
         "qwen3_xml", "Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=zip>\n"
         "0150\n</parameter>\n</function>\n</tool_call>", "Let me check.",
         [("get_weather", {"zip": "0150"})]),
+    "qwen3_xml optional strings stay text": (
+        "qwen3_xml", "<tool_call>\n<function=get_weather>\n<parameter=note>\n12345\n"
+        "</parameter>\n<parameter=flag>\ntrue\n</parameter>\n<parameter=extra>\n7\n"
+        "</parameter>\n<parameter=city>\n\nOslo\n\n</parameter>\n</function>\n</tool_call>",
+        None, [("get_weather", {"note": "12345", "flag": "true", "extra": "7",
+                                "city": "\nOslo\n"})]),
     "qwen3_xml two": ("qwen3_xml", "<tool_call>\n<function=now>\n</function>\n</tool_call>\n"
                       "<tool_call>\n<function=now>\n</function>\n</tool_call>", None,
                       [("now", {}), ("now", {})]),
@@ -47,6 +56,11 @@ CASES = {  # parser, text, content, calls as (name, arguments)
     "pythonic not calls": ("pythonic", "[1] First point.", "[1] First point.", []),
     "pythonic code is not run": ("pythonic", "[now(x=__import__('os'))]",
                                  "[now(x=__import__('os'))]", []),
+    **{f"pythonic refuses {label}": ("pythonic", text, text, []) for label, text in (
+        ("complex", "[now(x=1+2j)]"), ("a set", "[now(x={1, 2})]"), ("bytes", '[now(x=b"a")]'),
+        ("unhashable keys", "[now(x={[1]: 2})]"), ("tuple keys", "[now(x={(1, 2): 3})]"),
+        ("NaN", "[now(x=1e999)]"), ("deep nesting", "[now(x=" + "-" * 3000 + "1)]"),
+        ("repeated keys", "[now(a=1, a=2)]"), ("**kwargs", "[now(**{'a': 1})]"))},
     "mistral list": ("mistral", 'Sure. [TOOL_CALLS][{"name": "get_weather", "arguments": '
                      '{"city": "Oslo", "days": 3}}]', "Sure.", [OSLO]),
     "mistral v11": ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo", "days": 3}'
