@@ -362,10 +362,10 @@ class OpenAIServingResponses:
         elif finish_reason == "length":
             status, incomplete = "incomplete", {"reason": "max_output_tokens"}
         elif finish_reason == "abort":  # the server shut down mid-response
-            status = "cancelled"
-        text_format = (request.text.format.model_dump(by_alias=True, exclude_none=True)
-                       if request.text is not None and request.text.format is not None
-                       else {"type": "text"})
+            status = "failed"
+        fmt = request.text.format if request.text is not None else None
+        text_format = ({"type": "text"} if fmt is None or fmt.type == "text"
+                       else fmt.model_dump(by_alias=True, exclude_none=True))
         usage = None
         if finish_reason is not None:
             usage = {"input_tokens": num_prompt_tokens,
@@ -378,7 +378,7 @@ class OpenAIServingResponses:
             "error": None, "incomplete_details": incomplete, "model": model,
             "instructions": request.instructions, "output": items,
             "parallel_tool_calls": request.parallel_tool_calls,
-            "tool_choice": request.tool_choice or ("auto" if request.tools else "none"),
+            "tool_choice": request.tool_choice or "auto",  # OpenAI's default
             "tools": [tool.model_dump(exclude_none=True) for tool in request.tools or ()],
             "temperature": request.temperature, "top_p": request.top_p,
             "max_output_tokens": request.max_output_tokens,
@@ -422,8 +422,12 @@ class OpenAIServingResponses:
             for payload in output.events:
                 yield event(payload)
             final = snapshot(output.items, finish_reason or "stop", counted.num_generated)
-            kind = ("response.incomplete" if final["status"] == "incomplete"
-                    else "response.completed")
+            if final["status"] == "failed":  # aborted: the server is shutting down
+                final["error"] = {"code": "server_shutting_down",
+                                  "message": "The server is shutting down; the response was "
+                                             "cut short"}
+            kind = {"incomplete": "response.incomplete",
+                    "failed": "response.failed"}.get(final["status"], "response.completed")
             yield event({"type": kind, "response": final})
         except Exception as exc:
             error = engine_error(exc) or internal_error(exc, "a response stream")

@@ -26,8 +26,9 @@ def _running(base: str) -> float:
 
 def test_serve_starts_and_stops_on_sigterm():
     """SIGTERM mid-request: past --shutdown-timeout, every stream still ends with a chunk
-    that has a finish_reason, then [DONE]; a non-streaming request gets a 503 in OpenAI's
-    JSON; the process exits 0 with no traceback in its log."""
+    that has a finish_reason, then [DONE] (a Responses stream with response.failed); a
+    non-streaming request gets a 503 in OpenAI's JSON; the process exits 0 with no
+    traceback in its log."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pagedserve.server.cli", "serve", "--port", str(port),
@@ -43,6 +44,8 @@ def test_serve_starts_and_stops_on_sigterm():
                             dict(long, messages=[{"role": "user", "content": "Hi"}],
                                  n=2, stream=True)),
         "completion": ("/v1/completions", dict(long, prompt="Once upon a time")),
+        "responses stream": ("/v1/responses", {"input": "Tell me a story",
+                                               "max_output_tokens": 2000, "stream": True}),
     }
     answers: dict[str, tuple[int, list[str]]] = {}
     try:
@@ -66,7 +69,7 @@ def test_serve_starts_and_stops_on_sigterm():
         for client in clients:
             client.start()
         deadline = time.monotonic() + 60
-        while _running(base) < 4:  # 1 + 2 + 1 sequences
+        while _running(base) < 5:  # 1 + 2 + 1 + 1 sequences
             assert time.monotonic() < deadline, "the requests did not start running"
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
@@ -95,6 +98,10 @@ def test_serve_starts_and_stops_on_sigterm():
                     if choice.get("finish_reason") is not None}
         expected = 2 if name.startswith("chat") else 1
         assert finished == dict.fromkeys(range(expected), "abort"), (name, finished)
+    status, lines = answers["responses stream"]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert status == 200 and events[-1]["type"] == "response.failed", events[-1:]
+    assert events[-1]["response"]["error"]["code"] == "server_shutting_down"
     status, lines = answers["completion"]
     assert status == 503, lines
     error = json.loads("".join(lines))["error"]
