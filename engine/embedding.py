@@ -168,12 +168,15 @@ class EmbeddingEngine:
                 return full[:start], full[start + len(content):]
         raise ValueError(f"{self.model_dir}: cannot tell the tokenizer's special tokens apart")
 
-    def tokenize(self, inputs: EmbeddingInput,
-                 truncate_to: int | None = None) -> list[list[int]]:
+    def tokenize(self, inputs: EmbeddingInput, truncate_to: int | None = None,
+                 keep: str = "first") -> list[list[int]]:
         """Each input's token ids with special tokens; raises ValueError for bad input.
-        `truncate_to`: keep each input's first tokens so that, special tokens included, it
-        has at most this many (sentence-transformers' truncation); None: an input longer
-        than max_seq_length is an InputTooLongError."""
+        `truncate_to`: cut each input so that, special tokens included, it has at most this
+        many tokens, keeping its `keep` ("first": sentence-transformers' truncation; "last":
+        vLLM's truncate_prompt_tokens); None: an input longer than max_seq_length is an
+        InputTooLongError."""
+        if keep not in ("first", "last"):
+            raise ValueError(f"keep must be 'first' or 'last', got {keep!r}")
         if not inputs:
             raise ValueError("input must not be empty")
         limit = self.max_seq_length if truncate_to is None else truncate_to
@@ -191,8 +194,10 @@ class EmbeddingEngine:
                         f"This model's maximum context length is {self.max_seq_length} "
                         f"tokens, however input[{i}] has {len(x)} characters, more than that "
                         "many tokens can hold. Please reduce the length of the input.")
-                # Its first max_input_chars characters already hold more tokens than kept.
-                texts[i] = x[:self.max_input_chars]
+                # Its first (last) max_input_chars characters already hold more tokens
+                # than are kept.
+                texts[i] = (x[:self.max_input_chars] if keep == "first"
+                            else x[-self.max_input_chars:])
             # Truncated here, not by the tokenizer: its special tokens must stay.
             ids = self.tokenizer(texts, add_special_tokens=True, truncation=False,
                                  verbose=False).input_ids
@@ -213,16 +218,19 @@ class EmbeddingEngine:
                     f"This model's maximum context length is {self.max_seq_length} tokens, "
                     f"however input[{i}] has {len(x)} tokens. Please reduce the length of "
                     "the input.")
-            keep = limit - len(self._suffix_ids)
-            ids[i] = x[:keep] + self._suffix_ids
+            prefix, suffix = len(self._prefix_ids), len(self._suffix_ids)
+            content = x[prefix:len(x) - suffix]
+            room = limit - prefix - suffix
+            kept = content[:room] if keep == "first" else content[len(content) - room:]
+            ids[i] = self._prefix_ids + kept + self._suffix_ids
         return ids
 
     @torch.inference_mode()
-    def embed(self, inputs: EmbeddingInput,
-              truncate_to: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    def embed(self, inputs: EmbeddingInput, truncate_to: int | None = None,
+              keep: str = "first") -> tuple[torch.Tensor, list[int]]:
         """[N, dim] float32 embeddings (on CPU, in input order) and each input's token count
         (what was embedded, after truncation: see tokenize)."""
-        ids = self.tokenize(inputs, truncate_to)
+        ids = self.tokenize(inputs, truncate_to, keep)
         # Longest first: batches of similar lengths waste little on padding.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         out = torch.empty(len(ids), self.dim, dtype=torch.float32)
@@ -277,11 +285,11 @@ class AsyncEmbeddingEngine:
         """The model's path as the user gave it (None: the embedded default)."""
         return self.engine.model_path
 
-    async def embed(self, inputs: EmbeddingInput,
-                    truncate_to: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    async def embed(self, inputs: EmbeddingInput, truncate_to: int | None = None,
+                    keep: str = "first") -> tuple[torch.Tensor, list[int]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.engine.embed, inputs,
-                                          truncate_to)
+                                          truncate_to, keep)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -172,15 +172,21 @@ class StructuredOutputManager:
         forced = matcher.find_jump_forward_string()
         if not forced:
             return None
-        ids = self._tokenizer.encode(forced, add_special_tokens=False)
+        # Only the first token is wanted: a bounded prefix keeps a long forced literal
+        # from costing its whole length every step (no token is near 64 characters).
+        ids = self._tokenizer.encode(forced[:_FORCED_PREFIX_CHARS], add_special_tokens=False)
         # The forced text's last token may merge with what the model writes next (` "`
         # then `A`...): a lone token is forced only where xgrammar finds no longer token
         # extending it. A tokenizer that spells text alone differently (SentencePiece
         # prepends a space) falls back to xgrammar's longest-match spelling.
-        if not ids or not _allowed(row, ids[0]) or (
-                len(ids) == 1 and matcher.find_jump_forward_tokens() != ids):
-            ids = matcher.find_jump_forward_tokens()
+        if not ids or not _allowed(row, ids[0]) or len(ids) == 1:
+            longest = matcher.find_jump_forward_tokens()
+            if not (ids and _allowed(row, ids[0]) and longest == ids):
+                ids = longest
         return ids[0] if ids and _allowed(row, ids[0]) else None
+
+
+_FORCED_PREFIX_CHARS = 64
 
 
 def _bit(token: int) -> int:

@@ -116,7 +116,7 @@ class ResponseFormat(OpenAIBaseModel):
 
 class StructuredOutputsParams(OpenAIBaseModel):
     """vLLM's `structured_outputs` (>= 0.12, where the guided_* fields went): one of json,
-    regex, choice, grammar, json_object. Unknown keys (whitespace_pattern, structural_tag)
+    regex, choice, grammar, json_object. Other keys set (whitespace_pattern, structural_tag)
     are a 400 naming them rather than a constraint silently dropped."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -131,6 +131,12 @@ class StructuredOutputsParams(OpenAIBaseModel):
     disable_fallback: bool = False  # one backend here: there is nothing to fall back to
     disable_additional_properties: Literal[False] = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_ask_for_nothing(cls, data: Any) -> Any:
+        # {"whitespace_pattern": null} is what a client that leaves it alone may send.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 # vLLM's (and SGLang's) request extensions this server does not implement, with the values
 # that ask for nothing (what a client that leaves them alone may still send; None always
@@ -144,7 +150,7 @@ UNSUPPORTED_EXTENSIONS: dict[str, tuple[Any, ...]] = {
     "return_tokens_as_token_ids": (False,), "return_token_ids": (False,), "cache_salt": (),
     "kv_transfer_params": (), "vllm_xargs": (), "mm_processor_kwargs": (), "documents": (),
     "chat_template": (), "continue_final_message": (False,), "structural_tag": (),
-    "guided_whitespace_pattern": (), "thinking_token_budget": (), "request_id": (),
+    "guided_whitespace_pattern": (), "thinking_token_budget": (),
     "lora_request": (), "lora_path": (), "regex": (), "ebnf": (), "json_schema": (),
     "functions": (), "function_call": (),  # OpenAI's, deprecated for tools
 }
@@ -160,12 +166,13 @@ _UNSUPPORTED_HINTS = {
 
 def refuse_unsupported(data: Any, unsupported: dict[str, tuple[Any, ...]]) -> Any:
     """A before-validator: a field in `unsupported` set to anything but one of its neutral
-    values is an "unsupported_field" error naming it."""
+    values (or null, or empty) is an "unsupported_field" error naming it."""
     if isinstance(data, dict):
         for name, neutral in unsupported.items():
             value = data.get(name)
-            if value is not None and not any(value == v and type(value) is type(v)
-                                             for v in neutral):
+            empty = isinstance(value, list | dict | str) and not value  # asks for nothing
+            if value is not None and not empty and not any(
+                    value == v and type(value) is type(v) for v in neutral):
                 hint = _UNSUPPORTED_HINTS.get(name, "leave it out")
                 raise PydanticCustomError(
                     "unsupported_field", "not supported by this server (got {value}); {hint}",

@@ -870,8 +870,12 @@ class OpenAIServingEmbedding:
                            f"or send {self.engine.dim})", param="dimensions")
         inputs = self._inputs(request.input)
         truncate_to = self._truncate_to(request.truncate_prompt_tokens)
+        # Asked for, truncation keeps the last tokens, as vLLM's truncate_prompt_tokens
+        # does; the server's own (--embedding-overflow) keeps the first, as
+        # sentence-transformers does.
+        keep = "first" if request.truncate_prompt_tokens is None else "last"
         try:
-            vectors, counts = await self.engine.embed(inputs, truncate_to)
+            vectors, counts = await self.engine.embed(inputs, truncate_to, keep)
         except InputTooLongError as exc:
             raise APIError(str(exc), param="input", code="context_length_exceeded") from None
         except ValueError as exc:  # bad token ids and the like

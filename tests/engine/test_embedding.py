@@ -119,7 +119,7 @@ class _GatedEngine:
         self.gate = threading.Event()
         self.threads: list[str] = []
 
-    def embed(self, inputs, truncate_to=None):
+    def embed(self, inputs, truncate_to=None, keep="first"):
         self.threads.append(threading.current_thread().name)
         if not self.gate.wait(timeout=10):
             raise AssertionError("embed() blocked the event loop")

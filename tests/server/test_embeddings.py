@@ -109,7 +109,8 @@ def test_errors_are_openai_shaped(http, body, status, param, match):
 def test_long_inputs_are_truncated_as_sentence_transformers_does(client, embedding_engine):
     """By default (--embedding-overflow truncate) an input over 256 tokens keeps its first
     tokens, special ones included, and usage counts what was embedded; truncate_prompt_tokens
-    keeps fewer (-1: the model's maximum). The vectors are those of the kept tokens."""
+    keeps its last ones, as in vLLM (-1: the model's maximum). The vectors are those of the
+    kept tokens."""
     long_text = "word " * 300 + "tail"
     content = embedding_engine.tokenizer(long_text, add_special_tokens=False).input_ids
     default = client.embeddings.create(model=EMBEDDING_MODEL_NAME,
@@ -122,7 +123,8 @@ def test_long_inputs_are_truncated_as_sentence_transformers_does(client, embeddi
         response = client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=long_text,
                                             extra_body={"truncate_prompt_tokens": k})
         assert response.usage.prompt_tokens == expected
-    ten = client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=content[:8])
+    # Asked for, it keeps the last tokens, as vLLM's truncate_prompt_tokens does.
+    ten = client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=content[-8:])
     short = client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=[content],
                                      extra_body={"truncate_prompt_tokens": 10})
     np.testing.assert_allclose(short.data[0].embedding, ten.data[0].embedding, atol=1e-5)

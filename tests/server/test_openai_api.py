@@ -202,7 +202,9 @@ def test_neutral_extension_values_and_ignored_openai_fields_are_accepted(http):
     body = {"messages": MESSAGES, "max_tokens": 2, "priority": 0, "use_beam_search": False,
             "length_penalty": 1.0, "echo": False, "bad_words": [], "truncate_prompt_tokens": None,
             "store": True, "metadata": {"k": "v"}, "service_tier": "auto", "user": "u",
-            "guided_decoding_backend": "xgrammar", "prompt_cache_key": "k"}
+            "guided_decoding_backend": "xgrammar", "prompt_cache_key": "k",
+            "request_id": "trace-1", "allowed_token_ids": [], "vllm_xargs": {},
+            "structured_outputs": {"regex": "[a-z]{2}", "whitespace_pattern": None}}
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     completion = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
