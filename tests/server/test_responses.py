@@ -175,3 +175,12 @@ def test_raw_http_without_the_sdk(long_server):
     assert body["object"] == "response" and body["output"][0]["content"][0]["type"] == (
         "output_text")
     assert set(body["usage"]) >= {"input_tokens", "output_tokens", "total_tokens"}
+
+
+def test_stored_responses_are_a_clear_404(long_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        long_client.responses.retrieve("resp_123")
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        long_client.responses.delete("resp_123")
