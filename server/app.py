@@ -273,12 +273,19 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str],
     async def responses(request: ResponsesRequest, raw_request: Request):
         return await cancel_on_disconnect(raw_request, serving_responses.create(request))
 
-    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
-    async def stored_response(response_id: str):
+    def no_stored_response(response_id: str) -> APIError:
         # The SDK's responses.retrieve / delete: there is nothing stored to find.
-        raise APIError(f"No response {response_id!r}: this server stores no responses "
-                       "(each one is answered and forgotten; store is always false)", 404,
-                       param="response_id", code="response_not_found")
+        return APIError(f"No response {response_id!r}: this server stores no responses "
+                        "(each one is answered and forgotten; store is always false)", 404,
+                        param="response_id", code="response_not_found")
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str):
+        raise no_stored_response(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        raise no_stored_response(response_id)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: EmbeddingRequest, raw_request: Request):
