@@ -339,14 +339,16 @@ class OpenAIServingResponses:
             final = await self.serving.final_output(run)
             out = final.outputs[0]
             output = _Output()
-            reasoning, content, calls = run.new_reader().parse(out.text)
+            reader = run.new_reader()
+            reasoning, content, calls = reader.parse(out.text)
             output.add([{"reasoning_content": reasoning or "", "content": content or "",
                          "tool_calls": [{"index": i, "id": c.id, "function": {
                              "name": c.name, "arguments": c.arguments}}
                              for i, c in enumerate(calls)]}])
             output.close()
+            finish_reason = "stop" if reader.done else out.finish_reason  # (repeats cut)
             return JSONResponse(self._response(
-                request, response_id, run.model, created, output.items, out.finish_reason,
+                request, response_id, run.model, created, output.items, finish_reason,
                 run.num_prompt_tokens, len(out.token_ids)))
         first = await self.serving.first_output(run)
         return StreamingResponse(self._events(request, run, response_id, created, first),
@@ -418,6 +420,9 @@ class OpenAIServingResponses:
                 for payload in output.events:
                     yield event(payload)
                 output.events.clear()
+                if reader.done:  # it began repeating its calls: over (leaving aborts it)
+                    finish_reason = "stop"
+                    break
             output.close()
             for payload in output.events:
                 yield event(payload)

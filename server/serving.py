@@ -167,8 +167,10 @@ def _clamp(logprob: float) -> float:
 
 
 def _finish_reason(engine_reason: str | None, reader: ToolCallStream | None) -> str | None:
-    """A choice that ended by itself after calling tools finished with "tool_calls"."""
-    if engine_reason == "stop" and reader is not None and reader.calls:
+    """A choice that ended by itself after calling tools finished with "tool_calls" (as
+    does one cut short where it began to repeat its calls)."""
+    if reader is not None and reader.calls and (
+            engine_reason == "stop" or getattr(reader, "repeating", False)):
         return "tool_calls"
     return engine_reason
 
@@ -211,6 +213,12 @@ class ChoiceReader:
                  include_reasoning: bool = True) -> None:
         self.reasoning, self.tools = reasoning, tools
         self.include_reasoning = include_reasoning
+
+    @property
+    def done(self) -> bool:
+        """The reply is over before the engine says so (it began repeating its calls):
+        what comes after is dropped, and the request can stop."""
+        return getattr(self.tools, "repeating", False)
 
     def parse(self, text: str) -> tuple[str | None, str | None, list]:
         """(reasoning or None, content or None, tool calls) of the whole text."""
@@ -592,6 +600,13 @@ class OpenAIServing:
                     yield chunk([ChatStreamChoice(
                         index=out.index, delta=d, logprobs=logprobs if k == 0 else None,
                         finish_reason=reason, stop_reason=out.stop_reason if last else None)])
+                if reader.done and not streams[out.index].finished:
+                    streams[out.index].finished = True  # it began repeating: over
+                    yield chunk([ChatStreamChoice(
+                        index=out.index, delta={},
+                        finish_reason=_finish_reason(None, reader.tools))])
+            if all(stream.finished for stream in streams):
+                break  # leaving aborts what the engine still generates
         if include_usage:
             total = sum(s.num_generated for s in streams)
             yield chunk([], UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=total,

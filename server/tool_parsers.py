@@ -576,7 +576,12 @@ class GuidedToolCallStream(ToolCallStream):
     With `function_name` (a named tool_choice) the output is that function's arguments
     object itself. Without, it is a JSON array of {"name": ..., "parameters": {...}} (the
     schema `tools.required_calls_schema` builds). A call opens once its name is complete;
-    its arguments are the exact text of its arguments value."""
+    its arguments are the exact text of its arguments value.
+
+    A model made to call (tool_choice "required") may go on repeating its last call until
+    max_tokens: a call identical to an earlier one ends the reply there (`repeating`; the
+    server then stops the request). So that a repeat is never sent, a later call of a
+    function already called opens only once its arguments differ from that call's."""
 
     ARGS_KEY = "parameters"
 
@@ -585,6 +590,7 @@ class GuidedToolCallStream(ToolCallStream):
         self._json = JsonValueSpans()
         self._named = function_name is not None
         self._pending: list[_PendingCall] = [_PendingCall(function_name)] if self._named else []
+        self.repeating = False  # the output went on to repeat a call: it is over
 
     def _read(self, text: str, final: bool) -> StreamDelta:
         events = self._json.feed(text)
@@ -595,9 +601,13 @@ class GuidedToolCallStream(ToolCallStream):
         out = StreamDelta()
         source = self._json.text
         for pending in self._pending:
+            if self.repeating:
+                break
             if pending.index is None:
                 if pending.name is None:
                     continue
+                if not self._differs(pending, source):
+                    break  # held back, and the calls after it, to keep their order
                 pending.index = self._open_call(pending.name, out)
             if pending.args_start is not None:
                 end = pending.args_end if pending.args_end is not None else len(source)
@@ -605,6 +615,22 @@ class GuidedToolCallStream(ToolCallStream):
                 self._add_arguments(pending.index, source[start:end], out)
                 pending.sent = end - pending.args_start
         return out
+
+    def _differs(self, pending: _PendingCall, source: str) -> bool:
+        """Whether `pending` is known not to repeat an earlier call; sets `repeating` once
+        it is complete and does."""
+        earlier = [c.arguments for c in self.calls if c.name == pending.name]
+        if not earlier:
+            return True
+        if pending.args_start is None:
+            return False
+        end = pending.args_end if pending.args_end is not None else len(source)
+        arguments = source[pending.args_start:end]
+        if not any(e.startswith(arguments) for e in earlier):
+            return True
+        if pending.args_end is not None and arguments in earlier:
+            self.repeating = True
+        return False
 
     def _track(self, kind: str, path: tuple, pos: int) -> None:
         if self._named:

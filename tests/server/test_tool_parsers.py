@@ -160,6 +160,35 @@ def test_guided_required_calls_stream_their_arguments_as_generated():
     assert len(fragments) > 10
 
 
+def _calls_json(*calls) -> str:
+    return json.dumps([{"name": name, "parameters": args} for name, args in calls])
+
+
+@pytest.mark.parametrize("text, expected", [
+    # a no-argument function called again and again until max_tokens (cut mid-call)
+    (_calls_json(("now", {}), ("now", {}), ("now", {}))[:-20], [("now", "{}")]),
+    # a repeat ends the reply even when something else would follow
+    (_calls_json(("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Oslo"}),
+                 ("now", {})), [("get_weather", '{"city": "Oslo"}')]),
+    # the same function with other arguments is no repeat: both calls, in order
+    (_calls_json(("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Oslo 2"}),
+                 ("now", {})),
+     [("get_weather", '{"city": "Oslo"}'), ("get_weather", '{"city": "Oslo 2"}'),
+      ("now", "{}")]),
+])
+def test_guided_required_calls_end_where_they_start_repeating(text, expected):
+    """tool_choice "required" lets the model add calls until it closes the array; a small
+    one repeats its call until max_tokens. The first repeat ends the reply, and is never
+    sent, however the text arrives (a later call of a function already called opens only
+    once its arguments differ)."""
+    repeats = len(expected) < text.count('"name"')
+    whole = GuidedToolCallStream()
+    assert as_pairs(whole.parse(text)[1]) == expected and whole.repeating == repeats
+    reader = GuidedToolCallStream()
+    content, calls, _ = streamed(reader, list(text))
+    assert calls == expected and reader.repeating == repeats
+
+
 def test_guided_named_call_is_the_whole_output():
     text = '  {"city": "Oslo", "days": 3}\n'
     content, calls, deltas = streamed(GuidedToolCallStream("get_weather"), list(text))

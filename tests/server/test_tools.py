@@ -214,3 +214,26 @@ def test_bad_tool_requests_are_400s(long_http):
         **chat, "tools": TOOLS, "tool_choice": "required",
         "response_format": {"type": "json_object"}}), "response_format")
     assert long_http.get("/health").status_code == 200
+
+
+def test_required_calls_stop_where_the_model_repeats_itself(long_client):
+    """Under tool_choice "required" the tiny model writes the same call twice (and would go
+    on): the reply ends at the repeat, never sending it, with finish_reason "tool_calls",
+    streamed or not; the stream stops the request there."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.", "parameters": {
+        "type": "object", "required": ["city"],
+        "properties": {"city": {"type": "string", "enum": ["Oslo", "Paris"]}}}}}
+    kwargs = dict(model=MODEL_NAME, temperature=0, max_tokens=60, tool_choice="required",
+                  tools=[weather], messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    whole = long_client.chat.completions.create(**kwargs).choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert len(calls) == len(set(calls)) == 1 and whole.finish_reason == "tool_calls"
+    chunks = list(long_client.chat.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}))
+    opened = [c.function.name for chunk in chunks if chunk.choices
+              for c in chunk.choices[0].delta.tool_calls or () if c.function.name]
+    reasons = [chunk.choices[0].finish_reason for chunk in chunks
+               if chunk.choices and chunk.choices[0].finish_reason]
+    assert opened == ["get_weather"] and reasons == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens < 60
