@@ -591,7 +591,10 @@ class OpenAIServing:
                     logprobs = self._chat_logprobs(out.token_ids, out.logprobs, top_n)
                 reader = readers[out.index]
                 deltas = reader.stream(text, finished=out.finish_reason is not None)
-                if not deltas and logprobs is None and out.finish_reason is None:
+                # Over when the engine says so, or when the reply began repeating its calls
+                # (then the last chunk's finish_reason is "tool_calls" already).
+                over = out.finish_reason is not None or reader.done
+                if not deltas and logprobs is None and not over:
                     continue  # held back: may be the start of a tag
                 deltas = deltas or [{}]
                 for k, d in enumerate(deltas):
@@ -600,11 +603,8 @@ class OpenAIServing:
                     yield chunk([ChatStreamChoice(
                         index=out.index, delta=d, logprobs=logprobs if k == 0 else None,
                         finish_reason=reason, stop_reason=out.stop_reason if last else None)])
-                if reader.done and not streams[out.index].finished:
-                    streams[out.index].finished = True  # it began repeating: over
-                    yield chunk([ChatStreamChoice(
-                        index=out.index, delta={},
-                        finish_reason=_finish_reason(None, reader.tools))])
+                if reader.done:
+                    streams[out.index].finished = True  # what follows is dropped
             if all(stream.finished for stream in streams):
                 break  # leaving aborts what the engine still generates
         if include_usage:
