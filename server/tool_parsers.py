@@ -74,11 +74,14 @@ class ToolCallStream:
 
     def _open_call(self, name: str, out: StreamDelta) -> int:
         """Start a call; its index (in `calls` and in the delta entries)."""
-        call = ParsedToolCall(new_tool_call_id(), name, "")
+        call = ParsedToolCall(self._new_call_id(), name, "")
         out.tool_calls.append({"index": len(self.calls), "id": call.id, "type": "function",
                                "function": {"name": name, "arguments": ""}})
         self.calls.append(call)
         return len(self.calls) - 1
+
+    def _new_call_id(self) -> str:
+        return new_tool_call_id()
 
     def _add_arguments(self, index: int, text: str, out: StreamDelta) -> None:
         if text:
@@ -356,6 +359,10 @@ class MistralToolParser(_TrailingCallsParser):
     needs_special_tokens = True
     MARKERS = ("[TOOL_CALLS]",)
     OPENERS = ('[{"name"',)  # the list, when the marker token was skipped
+
+    def _new_call_id(self) -> str:
+        # Mistral's chat templates refuse history whose call ids are not 9 alphanumerics.
+        return uuid.uuid4().hex[:9]
 
     def _parse(self, text: str) -> list[tuple[str, str]] | None:
         text = text.strip()

@@ -151,3 +151,35 @@ def test_auto_reads_llama3_calls_end_to_end(long_server):
     names = [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])
              if c.get("function", {}).get("name")]
     assert names == ["get_weather"] and not any(d.get("content") for d in deltas)
+
+
+def test_auto_reads_mistral_calls_and_the_next_turn_renders(long_server):
+    """Mistral-7B-Instruct-v0.3's real chat template (a fixture) -> auto picks mistral; the
+    call comes back with a 9-character id, which that template demands when the call and
+    its result come back as history in the next turn."""
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from pagedserve.server.app import build_app
+    from tests.server.conftest import MODEL_NAME
+
+    template = (Path(__file__).parent / "fixtures" / "mistral-7b-instruct-v0.3.jinja").read_text()
+    app = build_app(long_server.async_engine, [MODEL_NAME], chat_template=template)
+    assert app.state.serving.tool_parser.name == "mistral"
+    client = TestClient(app)  # no `with`: the lifespan would shut the shared engine down
+    question = {"role": "user", "content": "Weather in Oslo?"}
+    written = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}]'
+    response = client.post("/v1/chat/completions", json={
+        "model": MODEL_NAME, "max_tokens": 60, "temperature": 0, "tools": TOOLS,
+        "messages": [question], "structured_outputs": {"choice": [written]}})
+    message = response.json()["choices"][0]["message"]
+    (call,) = message["tool_calls"]
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == OSLO
+    assert len(call["id"]) == 9 and call["id"].isalnum()
+    history = [question, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": call["id"], "content": "-3 C"}]
+    tokens = client.post("/tokenize", json={"messages": history, "tools": TOOLS})
+    assert tokens.status_code == 200, tokens.text
+    prompt = client.post("/detokenize", json={"tokens": tokens.json()["tokens"]}).json()
+    assert f'"call_id": "{call["id"]}"}}[/TOOL_RESULTS]' in prompt["prompt"]
