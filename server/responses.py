@@ -332,31 +332,26 @@ class OpenAIServingResponses:
         self.serving = serving
 
     async def create(self, request: ResponsesRequest):
-        run = await self.serving.start_chat(to_chat_request(request), id_prefix="resp")
-        response_id = run.request_id.replace("resp-", "resp_", 1)
+        run = await self.serving.start_chat(to_chat_request(request), id_prefix="resp_")
         created = int(time.time())
         if not request.stream:
             final = await self.serving.final_output(run)
             out = final.outputs[0]
             output = _Output()
             reader = run.new_reader()
-            reasoning, content, calls = reader.parse(out.text)
-            output.add([{"reasoning_content": reasoning or "", "content": content or "",
-                         "tool_calls": [{"index": i, "id": c.id, "function": {
-                             "name": c.name, "arguments": c.arguments}}
-                             for i, c in enumerate(calls)]}])
+            # The whole text as one piece of a stream: the same items a stream builds.
+            output.add(reader.stream(out.text, finished=True))
             output.close()
             finish_reason = "stop" if reader.done else out.finish_reason  # (repeats cut)
-            return JSONResponse(self._response(
-                request, response_id, run.model, created, output.items, finish_reason,
-                run.num_prompt_tokens, len(out.token_ids)))
+            return JSONResponse(self._response(request, run, created, output.items,
+                                               finish_reason, len(out.token_ids)))
         first = await self.serving.first_output(run)
-        return StreamingResponse(self._events(request, run, response_id, created, first),
+        return StreamingResponse(self._events(request, run, created, first),
                                  media_type="text/event-stream")
 
-    def _response(self, request: ResponsesRequest, response_id: str, model: str,
-                  created: int, items: list[dict[str, Any]], finish_reason: str | None,
-                  num_prompt_tokens: int, num_output_tokens: int) -> dict[str, Any]:
+    def _response(self, request: ResponsesRequest, run: ChatRun, created: int,
+                  items: list[dict[str, Any]], finish_reason: str | None,
+                  num_output_tokens: int) -> dict[str, Any]:
         """The Response object; finish_reason None: still in progress."""
         status, incomplete = "completed", None
         if finish_reason is None:
@@ -370,14 +365,16 @@ class OpenAIServingResponses:
                        else fmt.model_dump(by_alias=True, exclude_none=True))
         usage = None
         if finish_reason is not None:
+            num_prompt_tokens = run.num_prompt_tokens
             usage = {"input_tokens": num_prompt_tokens,
                      "input_tokens_details": {"cached_tokens": 0},
                      "output_tokens": num_output_tokens,
                      "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": num_prompt_tokens + num_output_tokens}
         return {
-            "id": response_id, "object": "response", "created_at": created, "status": status,
-            "error": None, "incomplete_details": incomplete, "model": model,
+            "id": run.request_id, "object": "response", "created_at": created,
+            "status": status, "error": None, "incomplete_details": incomplete,
+            "model": run.model,
             "instructions": request.instructions, "output": items,
             "parallel_tool_calls": request.parallel_tool_calls,
             "tool_choice": request.tool_choice or "auto",  # OpenAI's default
@@ -390,8 +387,8 @@ class OpenAIServingResponses:
             "text": {"format": text_format}, "metadata": request.metadata or {},
             "user": request.user, "usage": usage}
 
-    async def _events(self, request: ResponsesRequest, run: ChatRun, response_id: str,
-                      created: int, first) -> AsyncIterator[str]:
+    async def _events(self, request: ResponsesRequest, run: ChatRun, created: int,
+                      first) -> AsyncIterator[str]:
         sequence = 0
 
         def event(payload: dict[str, Any]) -> str:
@@ -401,8 +398,8 @@ class OpenAIServingResponses:
             return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
 
         def snapshot(items, finish_reason, num_output_tokens) -> dict[str, Any]:
-            return self._response(request, response_id, run.model, created, items,
-                                  finish_reason, run.num_prompt_tokens, num_output_tokens)
+            return self._response(request, run, created, items, finish_reason,
+                                  num_output_tokens)
 
         start = snapshot([], None, 0)
         yield event({"type": "response.created", "response": start})

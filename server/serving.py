@@ -473,7 +473,7 @@ class OpenAIServing:
         except Exception as exc:  # no template, or the template rejected the messages
             raise APIError(f"cannot apply the chat template: {exc}", param="messages") from None
 
-    async def start_chat(self, request: ChatCompletionRequest, id_prefix: str = "chatcmpl",
+    async def start_chat(self, request: ChatCompletionRequest, id_prefix: str = "chatcmpl-",
                          ) -> ChatRun:
         """Validate, render and submit a chat request: what chat completions and the
         Responses API (server/responses.py) share. Bad input raises APIError here."""
@@ -493,7 +493,7 @@ class OpenAIServing:
         params = self.sampling_params(request, max_tokens=max_tokens,
                                       logprobs=top_n if request.logprobs else None,
                                       guided_decoding=guide, **overrides)
-        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}{uuid.uuid4().hex}"
         merged = merge_async_iterators(self.generate(
             request_id, {"prompt": text, "prompt_token_ids": prompt_ids}, params))
 
