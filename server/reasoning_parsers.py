@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pagedserve.server.tool_parsers import TrimmedText, lookup_parser, partial_prefix_len
+from pagedserve.server.tool_parsers import TrimmedText, lookup_parser, split_at_tag
 
 _START, _REASONING, _AFTER, _CONTENT = range(4)
 
@@ -72,16 +72,11 @@ class ReasoningParser:
                 else:
                     self._state = _REASONING if self.opens_in_reasoning else _CONTENT
             elif self._state == _REASONING:
-                end = self._buffer.find(self.END)
-                if end >= 0:
-                    reasoning += self._reasoning.push(self._buffer[:end])
-                    self._buffer = self._buffer[end + len(self.END):]
-                    self._state = _AFTER
-                    continue
-                keep = 0 if final else partial_prefix_len(self._buffer, self.END)
-                reasoning += self._reasoning.push(self._buffer[:len(self._buffer) - keep])
-                self._buffer = self._buffer[len(self._buffer) - keep:]
-                return reasoning, content
+                before, tag, self._buffer = split_at_tag(self._buffer, (self.END,), final)
+                reasoning += self._reasoning.push(before)
+                if tag is None:
+                    return reasoning, content
+                self._state = _AFTER
             elif self._state == _AFTER:  # "</think>\n\n" comes before the answer
                 self._buffer = self._buffer.lstrip("\r\n")  # (not its indentation)
                 if not self._buffer:

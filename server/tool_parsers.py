@@ -118,6 +118,18 @@ def partial_prefix_len(text: str, tag: str) -> int:
     return 0
 
 
+def split_at_tag(text: str, tags: tuple[str, ...], final: bool) -> tuple[str, str | None, str]:
+    """(before, tag, after) around the first of `tags` in streamed `text`. With none
+    there: (what is surely not a tag, None, the end that may yet become one; none of it
+    once the text is `final`)."""
+    found = [(text.find(tag), tag) for tag in tags if tag in text]
+    if found:
+        start, tag = min(found)
+        return text[:start], tag, text[start + len(tag):]
+    keep = 0 if final else max((partial_prefix_len(text, tag) for tag in tags), default=0)
+    return text[:len(text) - keep], None, text[len(text) - keep:]
+
+
 # ---- tool_choice "auto": parsers of the model's own call format -----------------------
 class ToolParser(ToolCallStream):
     """A model's tool-call format, for tool_choice "auto". `parallel=False` keeps the first
@@ -162,14 +174,10 @@ class HermesToolParser(ToolParser):
         self._buffer += text
         while True:
             if not self._in_block:
-                start = self._buffer.find(self.START)
-                if start < 0:
-                    keep = 0 if final else partial_prefix_len(self._buffer, self.START)
-                    out.content += self._text.push(self._buffer[:len(self._buffer) - keep])
-                    self._buffer = self._buffer[len(self._buffer) - keep:]
+                before, tag, self._buffer = split_at_tag(self._buffer, (self.START,), final)
+                out.content += self._text.push(before)
+                if tag is None:
                     return out
-                out.content += self._text.push(self._buffer[:start])
-                self._buffer = self._buffer[start + len(self.START):]
                 self._in_block = True
             end = self._buffer.find(self.END)
             if end < 0 and not final:
@@ -301,19 +309,13 @@ class _TrailingCallsParser(ToolParser):
         return out
 
     def _find_marker(self, out: StreamDelta, final: bool) -> None:
-        found = [(self._buffer.find(m), m) for m in self.MARKERS if m in self._buffer]
-        if found:
-            start, marker = min(found)
-            out.content += self._text.push(self._buffer[:start])
-            self._calls, self._marker = self._buffer[start + len(marker):], marker
-            self._buffer = ""
-            return
-        keep = 0 if final else max((partial_prefix_len(self._buffer, m) for m in self.MARKERS),
-                                   default=0)
-        content = self._buffer[:len(self._buffer) - keep]
-        self._started |= bool(content.strip())
-        out.content += self._text.push(content)
-        self._buffer = self._buffer[len(self._buffer) - keep:]
+        before, marker, rest = split_at_tag(self._buffer, self.MARKERS, final)
+        self._started |= bool(before.strip())
+        out.content += self._text.push(before)
+        if marker is None:
+            self._buffer = rest
+        else:
+            self._calls, self._marker, self._buffer = rest, marker, ""
 
     def _parse(self, text: str) -> list[tuple[str, str]] | None:
         """(name, arguments JSON) of each call in `text`, or None if it is not calls."""
