@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.engine.tokenization import max_text_chars, max_token_chars
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -140,14 +142,10 @@ class EmbeddingEngine:
         self.dim = config.hidden_size
         self.vocab_size = config.vocab_size
         self.pad_token_id = self.tokenizer.pad_token_id or 0
-        # Text longer than this cannot fit max_seq_length, so it is refused before it is
-        # tokenized (10 MB would hold this engine's thread for seconds): no token covers
-        # more characters than the vocabulary's longest, or WordPiece's one [UNK] for a
-        # word of up to max_input_chars_per_word; 4x for normalisation, as the server's.
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        unk_word = getattr(getattr(backend, "model", None), "max_input_chars_per_word", 0)
-        token_chars = max(max(map(len, self.tokenizer.get_vocab()), default=1), unk_word)
-        self.max_input_chars = self.max_seq_length * 4 * token_chars
+        # Text longer than this cannot fit max_seq_length: refused or cut before it is
+        # tokenized (10 MB would hold this engine's thread for seconds).
+        self.max_input_chars = max_text_chars(self.max_seq_length,
+                                              max_token_chars(self.tokenizer) or 1)
         self._prefix_ids, self._suffix_ids = self._special_token_affixes()
         logger.info("embedding model %s: dim %d, max_seq_length %d, %s pooling%s",
                     self.model_dir, self.dim, self.max_seq_length, self.st_config.pooling_mode,

@@ -62,7 +62,7 @@ class StructuredOutputManager:
         # Text the grammar forces (keys, punctuation, a lone enum value) is spelled the way
         # the tokenizer spells it: the model is never made to write `s|et|u|p` for "setup"
         # (a spelling it never saw, after which small models derail). Off only to measure
-        # what it is worth (benchmarks/structured_output.py).
+        # what it is worth (benchmarks/structured_output_quality.py).
         self.canonical_forced_tokens = True
         # Its own copy: fill_bitmask runs on the engine thread, while the caller's copy may
         # be in use on another (a Rust tokenizer refuses two threads at once).

@@ -17,15 +17,31 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def max_token_chars(tokenizer: Any) -> int | None:
+    """The most characters of (normalised) text one token covers: the vocabulary's longest
+    entry, or WordPiece's one [UNK] for a word of up to max_input_chars_per_word. A text of
+    n characters has at least n / max_token_chars tokens (None: unknown)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    unk_word = getattr(getattr(backend, "model", None), "max_input_chars_per_word", 0)
+    longest = max(map(len, vocab), default=0)
+    return max(longest, unk_word) or None
+
+
+def max_text_chars(num_tokens: int, token_chars: int | None) -> int | None:
+    """More characters than this cannot fit in `num_tokens` tokens, whatever they say (4x:
+    normalisation, NFKC and the like, may fold several characters into one). Text beyond
+    it is refused, or cut, before it is tokenized: megabytes would hold a tokenizer for
+    seconds."""
+    return num_tokens * 4 * token_chars if token_chars else None
+
+
 class AsyncTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = copy.deepcopy(tokenizer)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
         self.chat_template: str | None = getattr(tokenizer, "chat_template", None)
-        # The longest token's text: no token covers more characters of (normalised) text,
-        # so a text of n characters has at least n / max_token_chars tokens (None: unknown).
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-        self.max_token_chars: int | None = max(map(len, vocab), default=None)
+        self.max_token_chars = max_token_chars(tokenizer)
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

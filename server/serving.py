@@ -27,6 +27,7 @@ from pagedserve.engine.async_engine import (
 from pagedserve.engine.embedding import AsyncEmbeddingEngine, InputTooLongError
 from pagedserve.engine.outputs import CompletionOutput, DeltaAccumulator, Logprob, RequestOutput
 from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.engine.tokenization import max_text_chars
 from pagedserve.server.errors import APIError, error_body, internal_error
 from pagedserve.server.guided import guided_decoding
 from pagedserve.server.metrics import ServerMetrics
@@ -304,11 +305,10 @@ class OpenAIServing:
         info = async_engine.model_info
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
-        # Text longer than this cannot fit the context whatever it says, so it is refused
-        # before it is tokenized (a 20 MB prompt would hold the tokenizer for a minute).
-        # 4x: normalisation (NFKC and the like) may fold several characters into one.
-        token_chars = self.tokenizer.max_token_chars if self.tokenizer is not None else None
-        self.max_prompt_chars = self.max_model_len * 4 * token_chars if token_chars else None
+        # Text longer than this cannot fit the context whatever it says: refused before it
+        # is tokenized (a 20 MB prompt would hold the tokenizer for a minute).
+        self.max_prompt_chars = max_text_chars(
+            self.max_model_len, self.tokenizer.max_token_chars if self.tokenizer else None)
 
     # ---- shared helpers ---------------------------------------------------------------
     def generate(self, request_id: str, prompt: dict,
