@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import threading
 import time
@@ -25,9 +24,9 @@ from typing import TypedDict
 
 from pydantic import BaseModel, Field
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
+
+from benchmarks.serve import RESULTS_DIR, free_port  # noqa: E402
 
 
 class Joke(BaseModel):
@@ -59,12 +58,6 @@ CASES = [  # (label, schema, prompts)
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server():
     import uvicorn
 
@@ -74,7 +67,7 @@ def start_server():
 
     engine = AsyncEngine(EngineConfig(kv_cache_memory=512 << 20))
     app = build_app(engine, ["SmolLM2-135M-Instruct"])
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
