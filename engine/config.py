@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "dummy")
+_QUANTIZATIONS = ("auto", "none", "int4", "int8")
 
 
 @dataclass(slots=True)
@@ -16,6 +17,14 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda if available, else cpu
     load_format: str = "auto"  # dummy: random weights at the config's shapes
+    # CPU weight-only quantization (engine/models/quantized.py). auto: a GGUF file's own
+    # quantization, an HF checkpoint as it is; none: dense weights in `dtype` (a GGUF
+    # dequantized); int4/int8: quantize at load.
+    quantization: str = "auto"
+    # Keep a dense bf16 copy of quantized weights for products of many rows (prefill, big
+    # decode batches), where it is several times faster than the packed kernels. None:
+    # when the copy takes at most 1/8 of the machine's memory.
+    quantized_dense_copy: bool | None = None
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     max_num_seqs: int = 128
     # Token budget of one step; None: 2048 on GPU, 512 on CPU, where a 2048-token step takes
@@ -40,6 +49,10 @@ class EngineConfig:
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}"
+            )
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}"
             )
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)

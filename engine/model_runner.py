@@ -6,11 +6,14 @@ wait), so that the engine can launch step N+1 before it collects step N."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,9 +23,16 @@ from pagedserve.engine.attention import AttentionMetadata, get_attention_backend
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cuda_graph import CudaGraphRunner
 from pagedserve.engine.input_batch import CachedRequestState, InputBatch, StepInputs
+from pagedserve.engine.loader.gguf import TENSOR_TYPES_FILE
 from pagedserve.engine.loader.weights import init_dummy_weights, iterate_safetensors
 from pagedserve.engine.models import get_model_class
 from pagedserve.engine.models.llama import RotaryEmbedding
+from pagedserve.engine.models.quantized import (
+    cast_unquantized,
+    packed_kernels_available,
+    quantization_plan,
+    quantized_bytes,
+)
 from pagedserve.engine.sampler import (
     Sampler,
     SamplingMetadata,
@@ -104,6 +114,10 @@ def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.
     return device, dtype
 
 
+def _physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
@@ -157,12 +171,44 @@ class ModelRunner:
             init_dummy_weights(model, self.config.seed)
         else:
             model.load_weights(iterate_safetensors(model_dir, torch.float32))
-        model = model.to(device=self.device, dtype=self.dtype).eval()
+        if not self._quantize(model, model_dir):
+            model = model.to(device=self.device, dtype=self.dtype)
+        model.eval()
         if self.device.type == "cuda" and self.attn_backend.name == "triton":
             model.use_triton_kernels()
         if self.device.type == "cpu" and self.dtype == torch.float32:
             model.pack_for_cpu()
         return model
+
+    def _quantize(self, model, model_dir) -> bool:
+        """Swap in weight-only quantized layers where config.quantization asks (CPU only);
+        False when nothing was quantized."""
+        config = self.config
+        types_file = Path(model_dir) / TENSOR_TYPES_FILE if model_dir is not None else None
+        gguf_types = (json.loads(types_file.read_text())
+                      if types_file is not None and types_file.is_file() else None)
+        if self.device.type != "cpu":
+            if config.quantization in ("int4", "int8"):
+                raise ValueError(f"quantization {config.quantization!r} runs on CPUs only; "
+                                 "on a GPU use --quantization none (or auto)")
+            return False
+        scheme_of = quantization_plan(config.quantization, gguf_types)
+        if scheme_of is None:
+            return False
+        if not packed_kernels_available():
+            raise RuntimeError(f"quantization {config.quantization!r} needs torch's packed "
+                               "int4/int8 CPU kernels, which this torch build lacks")
+        dense_copy = config.quantized_dense_copy
+        if dense_copy is None:
+            params = sum(p.numel() for p in model.parameters())
+            dense_copy = 2 * params <= _physical_memory() // 8
+        count = model.quantize(scheme_of, dense_copy)
+        cast_unquantized(model, self.dtype)
+        logger.info("Quantized %d layers (%s%s): %.1f MiB of quantized weights", count,
+                    config.quantization if config.quantization != "auto" else "the file's own",
+                    ", with dense bf16 copies for large batches" if dense_copy else "",
+                    quantized_bytes(model) / 2**20)
+        return count > 0
 
     # ---- KV cache -------------------------------------------------------------------
     def block_bytes(self) -> int:

@@ -21,6 +21,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "float16", "bfloat16"],
                         help="weight and activation dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--quantization", "-q", default="auto",
+                        choices=["auto", "none", "int4", "int8"],
+                        help="CPU weight-only quantization (auto: a GGUF file's own, as "
+                             "llama.cpp serves it; an HF checkpoint as it is. none: dense "
+                             "weights in --dtype, a GGUF dequantized. int4/int8: quantize "
+                             "at load)")
+    parser.add_argument("--quantized-dense-copy", default="auto", choices=["auto", "on", "off"],
+                        help="keep a bf16 copy of quantized weights for prefill and big "
+                             "batches, several times faster there (auto: when it takes at "
+                             "most 1/8 of the machine's memory)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=128,
@@ -52,6 +62,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        quantization=args.quantization,
+        quantized_dense_copy={"auto": None, "on": True, "off": False}[args.quantized_dense_copy],
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,

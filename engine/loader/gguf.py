@@ -24,7 +24,10 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 # Bump when the output of the conversion changes, so caches keyed on it are rebuilt.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+# {HF tensor name: GGUF type name} of the source file, beside the weights: the engine serves
+# quantized tensors in the scheme that carries the file's own quantization.
+TENSOR_TYPES_FILE = "gguf_tensor_types.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +350,8 @@ def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> None:
             yield array
 
     _write_safetensors_f32(out_dir / "model.safetensors", entries, weights())
+    types = {hf_tensor_name(t.name): t.tensor_type.name for t in tensors}
+    (out_dir / TENSOR_TYPES_FILE).write_text(json.dumps(types, indent=1) + "\n")
     _save_tokenizer(reader, gguf_path, out_dir)
     _save_generation_config(reader, out_dir)
 

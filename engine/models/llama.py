@@ -4,7 +4,7 @@ backend."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +13,11 @@ from torch import nn
 
 from pagedserve.engine.attention import AttentionMetadata
 from pagedserve.engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
+from pagedserve.engine.models.quantized import quantize_linear
+
+# scheme_of(checkpoint tensor names a layer holds) -> (scheme, int4 recovery), or None to
+# keep the layer dense.
+SchemeOf = Callable[[list[str]], "tuple[str, str | None] | None"]
 
 
 class RMSNorm(nn.Module):
@@ -250,6 +255,29 @@ class LlamaForCausalLM(nn.Module):
         """Pre-pack fp32 GEMM weights for MKL (see mkl_packed); a no-op elsewhere."""
         if pack_linears(self) and self.lm_head is None:
             self.packed_embedding = pack_weight(self.embed_tokens.weight)
+
+    def quantize(self, scheme_of: SchemeOf, dense_copy: bool) -> int:
+        """Swap linear layers for weight-only quantized ones where scheme_of names a scheme;
+        returns how many were swapped. The embedding and a tied head stay dense (see
+        quantization_plan)."""
+        fused_from = {}
+        for ckpt_name, (fused, _) in _STACKED.items():
+            fused_from.setdefault(fused, []).append(ckpt_name)
+        swaps = []
+        for parent_name, parent in self.named_modules():
+            for name, child in parent.named_children():
+                if not isinstance(child, nn.Linear):
+                    continue
+                full = f"{parent_name}.{name}" if parent_name else name
+                prefix = "" if full == "lm_head" else "model."
+                stems = [full[:-len(name)] + part for part in fused_from.get(name, [name])]
+                choice = scheme_of([f"{prefix}{stem}.weight" for stem in stems])
+                if choice is not None:
+                    swaps.append((parent, name, child, choice))
+        for parent, name, child, (scheme, recovery) in swaps:
+            setattr(parent, name, quantize_linear(child.weight, child.bias, scheme, recovery,
+                                                  dense_copy))
+        return len(swaps)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into our (partly fused) parameters; every parameter must

@@ -113,7 +113,9 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_HF_TO_GGUF[module]}.{suffix}"
 
 
-def write_tiny_gguf(path: pathlib.Path, arch: str, model: torch.nn.Module) -> None:
+def write_tiny_gguf(path: pathlib.Path, arch: str, model: torch.nn.Module,
+                    qtype: gguf.GGMLQuantizationType | None = None) -> None:
+    """The model as a GGUF file: F32 tensors, or the layers' linear weights in qtype."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = cfg.rope_parameters
@@ -156,7 +158,11 @@ def write_tiny_gguf(path: pathlib.Path, arch: str, model: torch.nn.Module) -> No
             array = llama_cpp_permute(array, cfg.num_attention_heads)
         elif arch == "llama" and ".k_proj." in name:
             array = llama_cpp_permute(array, cfg.num_key_value_heads)
-        w.add_tensor(gguf_name(name), np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        if qtype is not None and name.startswith("model.layers.") and array.ndim == 2:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            continue
+        w.add_tensor(gguf_name(name), array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,0 +1,252 @@
+"""Weight-only quantized linear layers for CPUs, on torch's packed kernels.
+
+int4: groups of 32 input features share a scale and a zero, `w = (q - 8) * scale + zero`
+with q in 0..15 (`aten._weight_int4pack_mm_for_cpu`). GGUF's Q4_1 (`d * q + m`) is carried
+exactly as scale d, zero m + 8d; Q4_0 (`d * (q - 8)`) as scale d, zero 0.
+int8: one scale per output row, `w = q * scale` with q in -127..127
+(`aten._weight_int8pack_mm`); GGUF's Q8_0 (a scale per 32) is re-scaled per row.
+
+The kernels compute in bf16 (their fp32 paths are reference loops, 20x slower), and they are
+fast for few rows only: they dequantize per row, so their cost grows with the batch. Beyond
+`PACKED_MAX_ROWS` rows (prefill, big decode batches) a dense bf16 copy of the dequantized
+weight, when kept, is several times faster (AVX512-BF16 GEMMs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+INT4_GROUP = 32
+# Rows up to which the packed kernels beat a dense bf16 GEMM (2-core Xeon, AVX-512 BF16:
+# at 8 rows they are even, at 16 the dense GEMM is 2x faster; see quantized_linear.md).
+PACKED_MAX_ROWS = 8
+SCHEMES = ("int4", "int8")
+
+# GGUF tensor type -> the scheme that carries it, and how its 4-bit codes are recovered
+# from the dequantized values ("asym": q = 0 at the group minimum and 15 at its maximum;
+# "sym": the largest magnitude sits at q = 0, d = value / -8).
+_GGUF_SCHEMES = {
+    "Q4_0": ("int4", "sym"), "Q4_1": ("int4", "asym"), "Q4_K": ("int4", "asym"),
+    "IQ4_NL": ("int4", "asym"), "IQ4_XS": ("int4", "asym"),
+    "Q2_K": ("int4", "asym"), "Q3_K": ("int4", "asym"),
+    "Q5_0": ("int8", None), "Q5_1": ("int8", None), "Q5_K": ("int8", None),
+    "Q6_K": ("int8", None), "Q8_0": ("int8", None), "Q8_1": ("int8", None),
+    "Q8_K": ("int8", None),
+}
+
+
+def gguf_scheme(gguf_type: str) -> tuple[str | None, str | None]:
+    """(scheme, int4 recovery) for a GGUF tensor type; (None, None) for a float type, which
+    stays dense."""
+    return _GGUF_SCHEMES.get(gguf_type, (None, None))
+
+
+def packed_kernels_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_weight_int8pack_mm")
+
+
+@dataclass(slots=True)
+class Int4Weight:
+    codes: torch.Tensor  # [N, K] uint8 in 0..15
+    scales: torch.Tensor  # [N, K / 32] float32
+    zeros: torch.Tensor  # [N, K / 32] float32: w = (q - 8) * scale + zero
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        q = self.codes.view(n, k // INT4_GROUP, INT4_GROUP).float() - 8
+        return (q * self.scales[..., None] + self.zeros[..., None]).view(n, k)
+
+
+@dataclass(slots=True)
+class Int8Weight:
+    codes: torch.Tensor  # [N, K] int8 in -127..127
+    scales: torch.Tensor  # [N] float32
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scales[:, None]
+
+
+def quantize_int4(weight: torch.Tensor, recovery: str = "asym") -> Int4Weight:
+    """Groups of 32 along the input dimension. "asym" spans each group's [min, max] with 16
+    levels (GGUF Q4_1's own rule, so Q4_1 values come back with their codes exactly); "sym"
+    recovers Q4_0, whose quantizer puts the group's largest magnitude at code 0."""
+    n, k = weight.shape
+    if k % INT4_GROUP:
+        raise ValueError(f"int4 needs in_features divisible by {INT4_GROUP}, got {k}")
+    w = weight.detach().float().view(n, k // INT4_GROUP, INT4_GROUP)
+    if recovery == "asym":
+        low, high = w.amin(dim=-1), w.amax(dim=-1)
+        scales = (high - low) / 15
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = torch.round((w - low[..., None]) / safe[..., None]).clamp_(0, 15)
+        zeros = low + 8 * scales
+    elif recovery == "sym":
+        index = w.abs().argmax(dim=-1, keepdim=True)
+        scales = w.gather(-1, index).squeeze(-1) / -8
+        safe = torch.where(scales != 0, scales, torch.ones_like(scales))
+        codes = torch.round(w / safe[..., None] + 8).clamp_(0, 15)
+        zeros = torch.zeros_like(scales)
+    else:
+        raise ValueError(f"int4 recovery must be 'asym' or 'sym', got {recovery!r}")
+    return Int4Weight(codes.to(torch.uint8).view(n, k), scales, zeros)
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric, one scale per output row."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=-1) / 127
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(codes, scales)
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer y = x W^T + b over a weight-only quantized W; any activation dtype in,
+    the same dtype out. `dense` keeps a bf16 copy of the dequantized weight for products of
+    more than PACKED_MAX_ROWS rows (None: the packed kernel at every size)."""
+
+    def __init__(self, weight: Int4Weight | Int8Weight, bias: torch.Tensor | None,
+                 dense: bool) -> None:
+        super().__init__()
+        n, k = weight.codes.shape
+        self.in_features, self.out_features = k, n
+        self.scheme = "int4" if isinstance(weight, Int4Weight) else "int8"
+        if self.scheme == "int4":
+            if n % 16:
+                raise ValueError(f"int4 needs out_features divisible by 16, got {n}")
+            # The kernel takes the codes as int32 [N, K] and packs them its own way.
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                weight.codes.to(torch.int32), 1))
+            self.register_buffer("scales_zeros", torch.stack(
+                [weight.scales.t(), weight.zeros.t()], dim=-1).to(torch.bfloat16).contiguous())
+        else:
+            self.register_buffer("packed", weight.codes.contiguous())
+            self.register_buffer("scales_zeros", weight.scales.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(),
+                                                           requires_grad=False)
+        # The copy is made from the bf16-rounded scales and zeros the kernels use.
+        self.register_buffer("dense", None)
+        if dense:
+            if isinstance(weight, Int4Weight):
+                kernel_view = Int4Weight(weight.codes, _bf16(weight.scales), _bf16(weight.zeros))
+            else:
+                kernel_view = Int8Weight(weight.codes, _bf16(weight.scales))
+            self.dense = kernel_view.dequantize().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.dense is not None and x2.shape[0] > PACKED_MAX_ROWS:
+            out = F.linear(x2, self.dense)
+        elif self.scheme == "int4":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.packed, INT4_GROUP, self.scales_zeros)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales_zeros)
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.scheme}, dense_copy={self.dense is not None}")
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,
+                    recovery: str | None = None, dense: bool = True) -> QuantizedLinear:
+    n, k = weight.shape
+    if scheme == "int4" and (k % INT4_GROUP or n % 16):
+        logger.debug("a [%d, %d] weight does not fit int4's groups: int8 instead", n, k)
+        scheme = "int8"
+    if scheme == "int4":
+        return QuantizedLinear(quantize_int4(weight, recovery or "asym"), bias, dense)
+    if scheme == "int8":
+        return QuantizedLinear(quantize_int8(weight), bias, dense)
+    raise ValueError(f"quantization scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes the quantized layers of `module` hold (packed codes, scales, dense copies)."""
+    total = 0
+    for layer in module.modules():
+        if isinstance(layer, QuantizedLinear):
+            for tensor in (layer.packed, layer.scales_zeros, layer.dense):
+                if tensor is not None:
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype) for everything but the quantized layers, whose scales stay in the
+    dtype their kernels take."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+
+
+_DENSE_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def _merge_gguf_schemes(types: list[str]) -> tuple[str, str | None] | None:
+    """One scheme for a layer fused from tensors of these GGUF types: dense if any is a
+    float type, int8 if any needs more than 4 bits, else int4 (Q4_0's recovery only when
+    every part is Q4_0)."""
+    schemes = [gguf_scheme(t) for t in types]
+    if any(scheme is None for scheme, _ in schemes):
+        return None
+    if any(scheme == "int8" for scheme, _ in schemes):
+        return ("int8", None)
+    return ("int4", "sym" if all(recovery == "sym" for _, recovery in schemes) else "asym")
+
+
+def quantization_plan(quantization: str, gguf_types: dict[str, str] | None):
+    """scheme_of(checkpoint tensor names) -> (scheme, recovery) | None for a model's layers,
+    or None when nothing is quantized.
+
+    auto: a GGUF file's own quantization, tensor by tensor (float tensors stay dense); an HF
+    checkpoint stays dense. int4/int8: every linear layer in that scheme.
+    The embedding and the head always stay dense: the kernels round their outputs to bf16,
+    whose steps at logit magnitudes (0.06-0.125 at 16-32) tie or swap close candidates.
+    SmolLM2's head then turned "The capital of France is Paris" into "L'Etoile, ..."."""
+    if quantization == "none" or (quantization == "auto" and gguf_types is None):
+        return None
+    if quantization == "auto":
+        def scheme_of(names: list[str]):
+            if any(n.endswith(_DENSE_TENSORS) for n in names):
+                return None
+            types = [gguf_types.get(n) for n in names]
+            if any(t is None for t in types):
+                return None
+            return _merge_gguf_schemes(types)
+        return scheme_of
+    if quantization not in SCHEMES:
+        raise ValueError(f"quantization must be auto, none or one of {SCHEMES}, "
+                         f"got {quantization!r}")
+
+    def explicit(names: list[str]):
+        if any(n.endswith(_DENSE_TENSORS) for n in names):
+            return None
+        recovery = None
+        if gguf_types is not None and quantization == "int4":
+            merged = _merge_gguf_schemes([gguf_types.get(n, "F32") for n in names])
+            recovery = merged[1] if merged and merged[0] == "int4" else None
+        return (quantization, recovery)
+    return explicit

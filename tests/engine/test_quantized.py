@@ -1,0 +1,160 @@
+"""Weight-only quantized linear layers (engine/models/quantized.py) against dense
+references, and how a model's layers are chosen for them."""
+
+import pytest
+import torch
+
+from pagedserve.engine.models.quantized import (
+    INT4_GROUP,
+    PACKED_MAX_ROWS,
+    Int4Weight,
+    QuantizedLinear,
+    quantization_plan,
+    quantize_int4,
+    quantize_int8,
+    quantize_linear,
+)
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
+    reason="torch without packed int4 CPU kernels")
+
+
+def q4_1_values(n, k, seed=0):
+    """Values as GGUF Q4_1 stores them: d * q + m per group of 32, codes 0 and 15 used."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k // 32, 32), generator=gen)
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = torch.rand(n, k // 32, 1, generator=gen).half().float() * 0.01 + 1e-4
+    m = -d * 8 + torch.randn(n, k // 32, 1, generator=gen).half().float() * 1e-3
+    return (d * codes + m).view(n, k), codes.view(n, k), d[..., 0], m[..., 0]
+
+
+def test_int4_recovers_q4_1_codes_scales_and_minimums():
+    values, codes, d, m = q4_1_values(32, 128)
+    w = quantize_int4(values, "asym")
+    assert torch.equal(w.codes.long(), codes)
+    assert torch.allclose(w.scales, d, rtol=1e-5)
+    assert torch.allclose(w.zeros, m + 8 * d, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(w.dequantize(), values, atol=1e-6)
+
+
+def test_int4_recovers_q4_0_codes():
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (16, 2, 32), generator=gen)
+    codes[..., 0] = 0  # Q4_0's quantizer puts the group's largest magnitude at code 0
+    codes[..., 1:] = codes[..., 1:].clamp(1, 15)
+    d = (torch.rand(16, 2, 1, generator=gen) - 0.5).half().float() * 0.02
+    values = (d * (codes - 8)).view(16, 64)
+    w = quantize_int4(values, "sym")
+    assert torch.equal(w.codes.view(16, 2, 32).long(), codes)
+    assert torch.allclose(w.dequantize(), values, atol=1e-7)
+
+
+def test_int8_is_per_row_symmetric():
+    weight = torch.randn(48, 64)
+    w = quantize_int8(weight)
+    assert w.codes.dtype == torch.int8 and w.codes.abs().max() <= 127
+    assert torch.allclose(w.dequantize(), weight, atol=w.scales.max().item() / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 5])
+def test_quantized_linear_matches_its_dequantized_weight(scheme, dense, rows):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 4 * INT4_GROUP) * 0.05, torch.randn(96)
+    layer = quantize_linear(weight, bias, scheme, dense=dense)
+    assert isinstance(layer, QuantizedLinear) and layer.scheme == scheme
+    quantized = quantize_int4(weight) if scheme == "int4" else quantize_int8(weight)
+    x = torch.randn(rows, 4 * INT4_GROUP)
+    reference = x @ quantized.dequantize().t() + bias
+    out = layer(x)
+    assert out.dtype == x.dtype and out.shape == (rows, 96)
+    # bf16 activations and outputs: ~3 significant digits.
+    scale = reference.abs().max().item()
+    assert (out - reference).abs().max().item() < 2e-2 * scale
+    # The quantized weight stands for the original one to within its rounding.
+    assert (out - (x @ weight.t() + bias)).abs().max().item() < 0.1 * scale
+
+
+def test_shapes_int4_cannot_take_fall_back_to_int8():
+    layer = quantize_linear(torch.randn(40, 64), None, "int4")  # 40 rows: not a multiple of 16
+    assert layer.scheme == "int8"
+
+
+def test_the_dense_copy_carries_the_kernels_weight():
+    weight = torch.randn(32, 64)
+    layer = quantize_linear(weight, None, "int4", dense=True)
+    w = quantize_int4(weight)
+    kernel_view = Int4Weight(w.codes, w.scales.bfloat16().float(), w.zeros.bfloat16().float())
+    assert torch.equal(layer.dense, kernel_view.dequantize().bfloat16())
+
+
+def test_plan_serves_a_gguf_in_its_own_scheme():
+    types = {
+        "model.layers.0.self_attn.q_proj.weight": "Q4_1",
+        "model.layers.0.self_attn.k_proj.weight": "Q4_1",
+        "model.layers.0.self_attn.v_proj.weight": "Q6_K",
+        "model.layers.0.mlp.down_proj.weight": "Q4_0",
+        "model.layers.0.mlp.up_proj.weight": "F16",
+        "model.embed_tokens.weight": "Q8_0",
+    }
+    plan = quantization_plan("auto", types)
+    qkv = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    assert plan(qkv) == ("int8", None)  # the widest part wins
+    assert plan(qkv[:2]) == ("int4", "asym")
+    assert plan(["model.layers.0.mlp.down_proj.weight"]) == ("int4", "sym")
+    assert plan(["model.layers.0.mlp.up_proj.weight"]) is None  # float stays dense
+    assert plan(["model.embed_tokens.weight"]) is None  # the head stays dense
+    assert plan(["model.layers.9.mlp.up_proj.weight"]) is None  # unknown: dense
+    assert quantization_plan("auto", None) is None  # an HF checkpoint as it is
+    assert quantization_plan("none", types) is None
+    explicit = quantization_plan("int8", None)
+    assert explicit(qkv) == ("int8", None)
+    assert explicit(["lm_head.weight"]) is None
+    assert quantization_plan("int4", types)(["model.layers.0.mlp.down_proj.weight"]) == (
+        "int4", "sym")
+    with pytest.raises(ValueError, match="quantization"):
+        quantization_plan("fp8", None)
+
+
+@pytest.mark.parametrize("qtype, recovery", [("Q4_0", "sym"), ("Q4_1", "asym")])
+def test_int4_carries_what_ggufs_own_quantizer_wrote(qtype, recovery):
+    """gguf-py quantizes and dequantizes (llama.cpp's rules); our int4 gives back the same
+    values from the dequantized ones."""
+    import gguf
+    import numpy as np
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    x = np.random.default_rng(0).standard_normal((16, 256)).astype(np.float32)
+    values = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x, kind), kind)
+                              ).reshape(16, 256)
+    w = quantize_int4(values, recovery)
+    torch.testing.assert_close(w.dequantize(), values, rtol=0, atol=2e-6)
+
+
+def test_a_quantized_gguf_is_served_in_its_own_scheme(tmp_path):
+    """A Q4_1 GGUF: its layers run on int4 kernels by default, and their logprobs stay
+    close to the exact (dequantized fp32) path's."""
+    import gguf
+
+    from pagedserve.engine import LLM, SamplingParams
+    from tests.engine.test_gguf_loader import tiny_model, write_tiny_gguf
+
+    arch, model = tiny_model("llama")
+    path = tmp_path / "tiny-q4_1.gguf"
+    write_tiny_gguf(path, arch, model, gguf.GGMLQuantizationType.Q4_1)
+    prompt = [1, 50, 70, 90, 110, 130, 7, 200, 31, 64]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    runs = {}
+    for quantization in ("auto", "none"):
+        llm = LLM(model=str(path), quantization=quantization, kv_cache_memory=16 << 20)
+        layers = [m for m in llm.llm_engine.model_runner.model.modules()
+                  if isinstance(m, QuantizedLinear)]
+        assert len(layers) == (4 * model.config.num_hidden_layers if quantization == "auto"
+                               else 0)
+        assert all(layer.scheme == "int4" for layer in layers)
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        runs[quantization] = [next(iter(e.values())).logprob for e in out.prompt_logprobs[1:]]
+    assert runs["auto"] == pytest.approx(runs["none"], abs=0.05)
