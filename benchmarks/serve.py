@@ -71,14 +71,16 @@ class RequestResult:
 
 # ---- workload -----------------------------------------------------------------------
 def synthetic_requests(num_prompts: int, input_len: int, output_len: int,
-                       seed: int) -> list[RequestSpec]:
-    """Random-word prompts of input_len words; each starts with a distinct number so that
-    no two requests share a prefix (prefix caching would otherwise flatter TTFT)."""
+                       seed: int, max_input_len: int | None = None) -> list[RequestSpec]:
+    """Random-word prompts of input_len words (or a length uniform in input_len ..
+    max_input_len); each starts with a distinct number so that no two requests share a
+    prefix (prefix caching would otherwise flatter TTFT)."""
     rng = random.Random(seed)
     specs = []
     for i in range(num_prompts):
-        words = [str(i)] + [rng.choice(WORDS) for _ in range(input_len - 1)]
-        specs.append(RequestSpec(" ".join(words), output_len, input_len))
+        length = rng.randint(input_len, max_input_len) if max_input_len else input_len
+        words = [str(i)] + [rng.choice(WORDS) for _ in range(length - 1)]
+        specs.append(RequestSpec(" ".join(words), output_len, length))
     return specs
 
 
@@ -283,30 +285,26 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched_server(serve_args: list[str], log_path: Path,
-                    startup_timeout_s: float = 300.0) -> Iterator[str]:
-    """Start `pagedserve serve` on a free port, wait for /health, yield its /v1 base URL,
-    and terminate it afterwards (SIGTERM, then SIGKILL)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "pagedserve.server.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), *serve_args]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+def launched_process(cmd: list[str], health_url: str, log_path: Path,
+                     startup_timeout_s: float = 300.0,
+                     env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """Start a server process, wait until health_url answers 200, yield the process, and
+    terminate it afterwards (SIGTERM, then SIGKILL)."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    root = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
             if proc.poll() is not None:
                 raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(root + "/health", timeout=2).status_code == 200:
+                if httpx.get(health_url, timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise SystemExit(f"server not healthy after {startup_timeout_s:.0f}s; "
                                  f"see {log_path}")
             time.sleep(0.5)
-        yield root + "/v1"
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -314,6 +312,24 @@ def launched_server(serve_args: list[str], log_path: Path,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def pagedserve_command(port: int, serve_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pagedserve.server.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), *serve_args]
+
+
+@contextlib.contextmanager
+def launched_server(serve_args: list[str], log_path: Path,
+                    startup_timeout_s: float = 300.0) -> Iterator[str]:
+    """Start `pagedserve serve` on a free port, wait for /health, yield its /v1 base URL,
+    and terminate it afterwards."""
+    port = free_port()
+    root = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    with launched_process(pagedserve_command(port, serve_args), root + "/health", log_path,
+                          startup_timeout_s, env):
+        yield root + "/v1"
 
 
 # ---- output -------------------------------------------------------------------------

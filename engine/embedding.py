@@ -258,9 +258,14 @@ class AsyncEmbeddingEngine:
     """EmbeddingEngine for asyncio callers: embed() runs on one dedicated worker thread, so
     the event loop never blocks and the (not thread-safe) tokenizer sees one caller at a time."""
 
-    def __init__(self, engine: EmbeddingEngine) -> None:
+    def __init__(self, engine: EmbeddingEngine, compute_threads: int | None = None) -> None:
+        """compute_threads: torch's intra-op threads on the worker (None: torch's default);
+        the server gives it 1, to leave the generation engine the only OpenMP pool."""
         self.engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedserve-embed")
+        initializer = None if compute_threads is None else torch.set_num_threads
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="pagedserve-embed", initializer=initializer,
+            initargs=() if compute_threads is None else (compute_threads,))
 
     @property
     def name(self) -> str:

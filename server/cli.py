@@ -161,10 +161,11 @@ def load_embedding_engine(args: argparse.Namespace, logger: logging.Logger):
         engine = EmbeddingEngine(args.embedding_model, device=device)
     logger.info("Embedding model %s (%s, dim %d) serves /v1/embeddings", engine.name,
                 engine.model_dir, engine.dim)
-    return AsyncEmbeddingEngine(engine)
+    return AsyncEmbeddingEngine(engine, compute_threads=1)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
     from uvicorn.server import STARTUP_FAILURE
 
@@ -176,9 +177,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logger = logging.getLogger("pagedserve.serve")
     chat_template = read_chat_template(args.chat_template)
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
+    # The engine thread is the process's one multi-threaded torch user: this thread (the
+    # event loop, tokenization) and the embedding thread compute on one thread each, as
+    # a second OpenMP pool slows the engine's kernels (see AsyncEngine).
+    compute_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     async_engine = AsyncEngine(EngineConfig(**engine_kwargs(args)),
                                max_waiting_requests=args.max_waiting_requests,
-                               grammar_compile_timeout=args.structured_output_compile_timeout)
+                               grammar_compile_timeout=args.structured_output_compile_timeout,
+                               compute_threads=compute_threads)
     embedding_engine = load_embedding_engine(args, logger)
     app = build_app(async_engine, names, api_key=args.api_key, chat_template=chat_template,
                     embedding_engine=embedding_engine, tool_call_parser=args.tool_call_parser,
