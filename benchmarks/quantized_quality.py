@@ -74,7 +74,7 @@ def teacher_forced(llm: LLM, prompt_ids, tokens) -> tuple[list[int], list[float]
     top, chosen = [], []
     for position, token in enumerate(tokens, start=len(prompt_ids)):
         entry = out.prompt_logprobs[position]
-        top.append(next(t for t, lp in entry.items() if lp.rank == 1))
+        top.append(max(entry.items(), key=lambda item: item[1].logprob)[0])
         chosen.append(entry[token].logprob)
     return top, chosen
 

@@ -116,7 +116,7 @@ def run_pagedserve(args, workload) -> dict:
     llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False,
-              load_format=args.load_format)
+              load_format=args.load_format, quantization=args.quantization)
     engine = llm.llm_engine
     waste_samples, batch_sizes = [], []
 
@@ -181,7 +181,7 @@ def run_as_child(args, run_pagedserve, run_hf) -> bool:
 def run_child(runner: str, args, workload_path: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", runner, "--workload-file", str(workload_path)]
     for key in ("model", "dtype", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-                "hf_batch_size", "load_format"):
+                "hf_batch_size", "load_format", "quantization"):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -290,6 +290,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="HF dir or .gguf (default: embedded SmolLM2)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+                   help="pagedserve's (HF generate always runs the dequantized fp32 model)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))

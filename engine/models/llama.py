@@ -13,7 +13,7 @@ from torch import nn
 
 from pagedserve.engine.attention import AttentionMetadata
 from pagedserve.engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
-from pagedserve.engine.models.quantized import quantize_linear
+from pagedserve.engine.models.quantized import RefinedHead, quantize_linear
 
 # scheme_of(checkpoint tensor names a layer holds) -> (scheme, int4 recovery), or None to
 # keep the layer dense.
@@ -222,6 +222,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.packed_embedding: torch.Tensor | None = None  # tied head, packed by pack_for_cpu
+        self.refined_head: RefinedHead | None = None  # set by quantize()
         if self.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -247,19 +248,22 @@ class LlamaForCausalLM(nn.Module):
         self.rotary.kernel = rotary_embedding
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.refined_head is not None:
+            return self.refined_head(hidden)
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         return packed_linear(hidden, self.embed_tokens.weight, self.packed_embedding).float()
 
     def pack_for_cpu(self) -> None:
         """Pre-pack fp32 GEMM weights for MKL (see mkl_packed); a no-op elsewhere."""
-        if pack_linears(self) and self.lm_head is None:
+        if pack_linears(self) and self.lm_head is None and self.refined_head is None:
             self.packed_embedding = pack_weight(self.embed_tokens.weight)
 
     def quantize(self, scheme_of: SchemeOf, dense_copy: bool) -> int:
         """Swap linear layers for weight-only quantized ones where scheme_of names a scheme;
-        returns how many were swapped. The embedding and a tied head stay dense (see
-        quantization_plan)."""
+        returns how many were swapped. The embedding stays dense, and the head computes
+        on an int8 copy with its best candidates refined from the dense weight
+        (RefinedHead), once any layer is quantized."""
         fused_from = {}
         for ckpt_name, (fused, _) in _STACKED.items():
             fused_from.setdefault(fused, []).append(ckpt_name)
@@ -277,6 +281,10 @@ class LlamaForCausalLM(nn.Module):
         for parent, name, child, (scheme, recovery) in swaps:
             setattr(parent, name, quantize_linear(child.weight, child.bias, scheme, recovery,
                                                   dense_copy))
+        if swaps:
+            head = self.embed_tokens if self.lm_head is None else self.lm_head
+            if getattr(head, "bias", None) is None:
+                self.refined_head = RefinedHead(head.weight.detach().float())
         return len(swaps)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

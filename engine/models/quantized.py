@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 INT4_GROUP = 32
 # Rows up to which the packed kernels beat a dense bf16 GEMM (2-core Xeon, AVX-512 BF16:
-# at 8 rows they are even, at 16 the dense GEMM is 2x faster; see quantized_linear.md).
+# at 8 rows they are even, at 16 the dense GEMM is 2x faster: benchmarks/results/
+# quantized_linear_cpu.md).
 PACKED_MAX_ROWS = 8
 SCHEMES = ("int4", "int8")
 
@@ -159,6 +160,36 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.scheme}, dense_copy={self.dense is not None}")
+
+
+class RefinedHead(nn.Module):
+    """The head for few rows (decode of small batches), in two passes: every token's logit
+    on the int8 kernel (2.4x faster than fp32 at one row), whose bf16 rounding (0.06-0.125
+    at logits of 16-32) and per-row scale tie or swap close candidates; then each row's
+    `refine` best recomputed exactly in fp32 from the dense weight. Greedy picks and the top
+    logprobs are the exact path's; the tail's logits keep the int8 error (at most 0.6 on
+    SmolLM2's head). Beyond PACKED_MAX_ROWS rows the whole product is exact fp32 (MKL,
+    pre-packed), as picking the candidates would cost more than the int8 pass saves."""
+
+    def __init__(self, weight: torch.Tensor, refine: int = 64) -> None:
+        from pagedserve.engine.models.mkl_packed import mkl_packing_available, pack_weight
+
+        super().__init__()
+        self.weight = weight  # [V, K] float32, shared (a tied head's is the embedding's)
+        self.packed = pack_weight(weight) if mkl_packing_available() else None
+        self.refine = min(refine, weight.shape[0])
+        self.fast = QuantizedLinear(quantize_int8(weight), None, dense=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from pagedserve.engine.models.mkl_packed import packed_linear
+
+        hidden = hidden.float()
+        if hidden.shape[0] > PACKED_MAX_ROWS:
+            return packed_linear(hidden, self.weight, self.packed)
+        logits = self.fast(hidden).float()
+        best = logits.topk(self.refine, dim=-1, sorted=False).indices  # [rows, refine]
+        exact = torch.bmm(self.weight[best], hidden[:, :, None])[..., 0]
+        return logits.scatter_(1, best, exact)
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:

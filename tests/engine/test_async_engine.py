@@ -352,3 +352,30 @@ def test_one_failing_request_does_not_stop_the_others(tiny_dir, monkeypatch):
         assert engine.kv_cache_manager.num_free_blocks == pool.num_blocks
 
     asyncio.run(main())
+
+
+def test_the_engine_thread_builds_the_engine_with_its_own_thread_count(tiny_dir, monkeypatch):
+    """compute_threads: the engine thread sets its torch thread count, then builds the
+    engine and steps it; a failure to build raises from the constructor."""
+    import pagedserve.engine.async_engine as async_engine_module
+
+    calls = []
+    real_init = async_engine_module.LLMEngine.__init__
+
+    def recording_init(self, config):
+        calls.append(("build", threading.current_thread().name))
+        real_init(self, config)
+
+    monkeypatch.setattr(async_engine_module.LLMEngine, "__init__", recording_init)
+    monkeypatch.setattr(async_engine_module.torch, "set_num_threads",
+                        lambda n: calls.append(("threads", n, threading.current_thread().name)))
+    engine = AsyncEngine(make_config(tiny_dir), compute_threads=1)
+    try:
+        assert calls == [("threads", 1, "pagedserve-engine"), ("build", "pagedserve-engine")]
+        outputs = asyncio.run(collect(engine, make_prompt(5, seed=1),
+                                      SamplingParams(max_tokens=4, **GREEDY)))
+        assert len(outputs[-1].outputs[0].token_ids) == 4
+    finally:
+        asyncio.run(engine.shutdown())
+    with pytest.raises(ValueError, match="neither an existing directory"):
+        AsyncEngine(EngineConfig(model=str(tiny_dir / "missing")), compute_threads=1)

@@ -9,6 +9,7 @@ from pagedserve.engine.models.quantized import (
     PACKED_MAX_ROWS,
     Int4Weight,
     QuantizedLinear,
+    RefinedHead,
     quantization_plan,
     quantize_int4,
     quantize_int8,
@@ -150,11 +151,28 @@ def test_a_quantized_gguf_is_served_in_its_own_scheme(tmp_path):
     runs = {}
     for quantization in ("auto", "none"):
         llm = LLM(model=str(path), quantization=quantization, kv_cache_memory=16 << 20)
-        layers = [m for m in llm.llm_engine.model_runner.model.modules()
-                  if isinstance(m, QuantizedLinear)]
+        ours = llm.llm_engine.model_runner.model
+        layers = [m for m in ours.layers.modules() if isinstance(m, QuantizedLinear)]
         assert len(layers) == (4 * model.config.num_hidden_layers if quantization == "auto"
                                else 0)
         assert all(layer.scheme == "int4" for layer in layers)
+        assert (ours.refined_head is not None) == (quantization == "auto")
         out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
         runs[quantization] = [next(iter(e.values())).logprob for e in out.prompt_logprobs[1:]]
     assert runs["auto"] == pytest.approx(runs["none"], abs=0.05)
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
+def test_the_refined_head_gives_exact_top_logits(rows):
+    """Greedy picks and the top logprobs come out as the fp32 product gives them; the rest
+    stay within the int8 pass's error."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(2048, 64, generator=gen) * 0.1
+    hidden = torch.randn(rows, 64, generator=gen) * 4
+    exact = hidden @ weight.t()
+    logits = RefinedHead(weight, refine=32)(hidden)
+    assert logits.dtype == torch.float32 and logits.shape == exact.shape
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    top = exact.topk(20, dim=-1)
+    torch.testing.assert_close(logits.gather(1, top.indices), top.values, rtol=0, atol=1e-5)
+    assert (logits - exact).abs().max() < 0.05 * exact.abs().max()
