@@ -83,14 +83,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--quantization", default="auto", help="the quantized path's setting")
+    p.add_argument("--dense-copy", choices=["auto", "on", "off"], default="auto",
+                   help="off: every product on the packed kernels, as decode steps of up to "
+                        "8 rows run (the prompts here are batched, and prefill is many rows)")
     p.add_argument("--tag", default="cpu_smollm2")
     args = p.parse_args(argv)
     extra = dict(kv_cache_memory=512 << 20)
+    dense = {"auto": None, "on": True, "off": False}[args.dense_copy]
 
     exact = run_path("none", PROMPTS, args.max_tokens, extra)
     del exact["llm"]
     gc.collect()
-    quant = run_path(args.quantization, PROMPTS, args.max_tokens, extra)
+    quant = run_path(args.quantization, PROMPTS, args.max_tokens,
+                     dict(extra, quantized_dense_copy=dense))
     rows, forced_agree, forced_total, max_gap = [], 0, 0, 0.0
     for i, prompt in enumerate(PROMPTS):
         a, b = exact["tokens"][i], quant["tokens"][i]
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python benchmarks/quantized_quality.py " + shlex.join(
             sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "quantization": args.quantization, "summary": summary, "rows": rows,
+        "quantization": args.quantization, "dense_copy": args.dense_copy,
+        "summary": summary, "rows": rows,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = RESULTS_DIR / f"quantized_quality_{args.tag}"
@@ -128,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         f"# Quantized path against the exact path: {args.tag}", "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}  ",
-        f"Quantized: `--quantization {args.quantization}` (SmolLM2-135M-Instruct Q4_1 GGUF: "
-        "int4 layers, dense head); exact: `--quantization none` (fp32, HF's greedy tokens)", "",
+        f"Quantized: `--quantization {args.quantization} --quantized-dense-copy "
+        f"{args.dense_copy}` (SmolLM2-135M-Instruct Q4_1 GGUF: int4 layers, refined head); "
+        "exact: `--quantization none` (fp32, HF's greedy tokens)", "",
         "| measure | value |", "|---|---|",
         f"| greedy generations identical over {n} tokens | "
         f"{summary['identical_generations']} / {len(rows)} |",
