@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.engine.models.mkl_packed import mkl_packing_available, pack_weight, packed_linear
+
 logger = logging.getLogger(__name__)
 
 INT4_GROUP = 32
@@ -112,7 +114,7 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
 class QuantizedLinear(nn.Module):
     """A linear layer y = x W^T + b over a weight-only quantized W; any activation dtype in,
     the same dtype out. `dense` keeps a bf16 copy of the dequantized weight for products of
-    more than PACKED_MAX_ROWS rows (None: the packed kernel at every size)."""
+    more than PACKED_MAX_ROWS rows (False: the packed kernel at every size)."""
 
     def __init__(self, weight: Int4Weight | Int8Weight, bias: torch.Tensor | None,
                  dense: bool) -> None:
@@ -172,8 +174,6 @@ class RefinedHead(nn.Module):
     pre-packed), as picking the candidates would cost more than the int8 pass saves."""
 
     def __init__(self, weight: torch.Tensor, refine: int = 64) -> None:
-        from pagedserve.engine.models.mkl_packed import mkl_packing_available, pack_weight
-
         super().__init__()
         self.weight = weight  # [V, K] float32, shared (a tied head's is the embedding's)
         self.packed = pack_weight(weight) if mkl_packing_available() else None
@@ -181,8 +181,6 @@ class RefinedHead(nn.Module):
         self.fast = QuantizedLinear(quantize_int8(weight), None, dense=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        from pagedserve.engine.models.mkl_packed import packed_linear
-
         hidden = hidden.float()
         if hidden.shape[0] > PACKED_MAX_ROWS:
             return packed_linear(hidden, self.weight, self.packed)
@@ -254,9 +252,10 @@ def quantization_plan(quantization: str, gguf_types: dict[str, str] | None):
 
     auto: a GGUF file's own quantization, tensor by tensor (float tensors stay dense); an HF
     checkpoint stays dense. int4/int8: every linear layer in that scheme.
-    The embedding and the head always stay dense: the kernels round their outputs to bf16,
-    whose steps at logit magnitudes (0.06-0.125 at 16-32) tie or swap close candidates.
-    SmolLM2's head then turned "The capital of France is Paris" into "L'Etoile, ..."."""
+    The embedding and the head are never planned: the kernels round their outputs to bf16,
+    whose steps at logit magnitudes (0.06-0.125 at 16-32) tie or swap close candidates
+    (SmolLM2's head so turned "The capital of France is Paris" into "L'Etoile, ..."). The
+    model gives the head a RefinedHead instead, exact where it counts."""
     if quantization == "none" or (quantization == "auto" and gguf_types is None):
         return None
     if quantization == "auto":
