@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp import CACHE_DIR, ensure_llama_server  # noqa: E402
 from serve import (  # noqa: E402
     RESULTS_DIR,
-    RequestSpec,
+    WARMUP_REQUEST,
     free_port,
     launched_process,
-    pagedserve_command,
+    pagedserve_process,
     run_benchmark,
     synthetic_requests,
 )
@@ -52,13 +52,15 @@ def llama_server_command(binary: Path, gguf: Path, port: int, args) -> list[str]
             "--alias", SERVED_NAME, "--no-webui", *shlex.split(args.llama_args)]
 
 
-def measure(name: str, cmd: list[str], health: str, base_url: str, specs_per_run, args,
-            env=None) -> dict:
+def measure(name: str, cmd: list[str], port: int, specs_per_run, args, env=None) -> dict:
+    """Start the server `cmd` (listening on port), run every concurrency's requests, stop it."""
     log_path = RESULTS_DIR / f".cpu_vs_llamacpp_{name}_{os.getpid()}.log"
+    root = f"http://127.0.0.1:{port}"
+    base_url = root + "/v1"
     print(f"starting {name}: {shlex.join(cmd)}", flush=True)
-    with launched_process(cmd, health, log_path, startup_timeout_s=600, env=env) as proc:
-        warm = RequestSpec("warmup " * 40, 8, 41)
-        asyncio.run(run_benchmark(base_url, SERVED_NAME, "completions", [warm]))
+    with launched_process(cmd, root + "/health", log_path, startup_timeout_s=600,
+                          env=env) as proc:
+        asyncio.run(run_benchmark(base_url, SERVED_NAME, "completions", [WARMUP_REQUEST]))
         runs = []
         for concurrency, specs in zip(args.concurrency_list, specs_per_run):
             load = os.getloadavg()[0]
@@ -167,17 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip != "llama-server":
         port = free_port()
         cmd = llama_server_command(ensure_llama_server(), gguf, port, args)
-        servers["llama-server"] = measure("llama-server", cmd, f"http://127.0.0.1:{port}/health",
-                                          f"http://127.0.0.1:{port}/v1", per_run, args)
+        servers["llama-server"] = measure("llama-server", cmd, port, per_run, args)
     if args.skip != "pagedserve":
         port = free_port()
         serve_args = [str(gguf), "--served-model-name", SERVED_NAME,
                       "--max-num-seqs", str(max(args.concurrency_list)),
                       *shlex.split(args.serve_args)]
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        servers["pagedserve"] = measure("pagedserve", pagedserve_command(port, serve_args),
-                                        f"http://127.0.0.1:{port}/health",
-                                        f"http://127.0.0.1:{port}/v1", per_run, args, env)
+        cmd, env = pagedserve_process(port, serve_args)
+        servers["pagedserve"] = measure("pagedserve", cmd, port, per_run, args, env)
     result = {
         "command": "python benchmarks/cpu_vs_llamacpp.py " + shlex.join(
             sys.argv[1:] if argv is None else argv),

@@ -69,6 +69,10 @@ class RequestResult:
     prompt_tokens: int = 0
 
 
+# Sent once before measuring: first-request costs (lazy init, allocator) out of the numbers.
+WARMUP_REQUEST = RequestSpec("warmup " + " ".join(WORDS[:30]), 4, 31)
+
+
 # ---- workload -----------------------------------------------------------------------
 def synthetic_requests(num_prompts: int, input_len: int, output_len: int,
                        seed: int, max_input_len: int | None = None) -> list[RequestSpec]:
@@ -314,9 +318,11 @@ def launched_process(cmd: list[str], health_url: str, log_path: Path,
             proc.wait()
 
 
-def pagedserve_command(port: int, serve_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pagedserve.server.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), *serve_args]
+def pagedserve_process(port: int, serve_args: list[str]) -> tuple[list[str], dict]:
+    """The command and environment that run this checkout's `pagedserve serve` on port."""
+    cmd = [sys.executable, "-m", "pagedserve.server.cli", "serve", "--host", "127.0.0.1",
+           "--port", str(port), *serve_args]
+    return cmd, dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 
 
 @contextlib.contextmanager
@@ -326,9 +332,8 @@ def launched_server(serve_args: list[str], log_path: Path,
     and terminate it afterwards."""
     port = free_port()
     root = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    with launched_process(pagedserve_command(port, serve_args), root + "/health", log_path,
-                          startup_timeout_s, env):
+    cmd, env = pagedserve_process(port, serve_args)
+    with launched_process(cmd, root + "/health", log_path, startup_timeout_s, env):
         yield root + "/v1"
 
 
@@ -455,9 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             base_url, server = args.base_url, args.base_url
         model = args.model or first_model(base_url, args.api_key)
-        if not args.no_warmup:  # first-request costs (lazy init, allocator) out of the numbers
-            warm = RequestSpec("warmup " + " ".join(WORDS[:30]), 4, 31)
-            asyncio.run(run_benchmark(base_url, model, args.endpoint, [warm],
+        if not args.no_warmup:
+            asyncio.run(run_benchmark(base_url, model, args.endpoint, [WARMUP_REQUEST],
                                       api_key=args.api_key))
         runs, offset = [], 0
         for concurrency, count in zip(concurrencies, counts):

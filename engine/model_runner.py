@@ -184,14 +184,13 @@ class ModelRunner:
         """Swap in weight-only quantized layers where config.quantization asks (CPU only);
         False when nothing was quantized."""
         config = self.config
-        types_file = Path(model_dir) / TENSOR_TYPES_FILE if model_dir is not None else None
-        gguf_types = (json.loads(types_file.read_text())
-                      if types_file is not None and types_file.is_file() else None)
         if self.device.type != "cpu":
             if config.quantization in ("int4", "int8"):
                 raise ValueError(f"quantization {config.quantization!r} runs on CPUs only; "
                                  "on a GPU use --quantization none (or auto)")
             return False
+        types_file = Path(model_dir) / TENSOR_TYPES_FILE
+        gguf_types = json.loads(types_file.read_text()) if types_file.is_file() else None
         scheme_of = quantization_plan(config.quantization, gguf_types)
         if scheme_of is None:
             return False
