@@ -49,7 +49,8 @@ PROMPTS = [
 ]
 
 
-def run_path(quantization: str, prompts, max_tokens: int, extra: dict) -> dict:
+def run_path(quantization: str, prompts, max_tokens: int, extra: dict) -> tuple[dict, LLM]:
+    """Greedy generations of one path, and the engine that made them."""
     llm = LLM(quantization=quantization, **extra)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     start = time.perf_counter()
@@ -62,9 +63,8 @@ def run_path(quantization: str, prompts, max_tokens: int, extra: dict) -> dict:
                      for o in outs],
         "texts": [o.outputs[0].text for o in outs],
         "elapsed_s": elapsed,
-        "llm": llm,
     }
-    return result
+    return result, llm
 
 
 def teacher_forced(llm: LLM, prompt_ids, tokens) -> tuple[list[int], list[float]]:
@@ -91,16 +91,16 @@ def main(argv: list[str] | None = None) -> None:
     extra = dict(kv_cache_memory=512 << 20)
     dense = {"auto": None, "on": True, "off": False}[args.dense_copy]
 
-    exact = run_path("none", PROMPTS, args.max_tokens, extra)
-    del exact["llm"]
+    exact, exact_llm = run_path("none", PROMPTS, args.max_tokens, extra)
+    del exact_llm  # one model in memory at a time
     gc.collect()
-    quant = run_path(args.quantization, PROMPTS, args.max_tokens,
+    quant, quant_llm = run_path(args.quantization, PROMPTS, args.max_tokens,
                      dict(extra, quantized_dense_copy=dense))
     rows, forced_agree, forced_total, max_gap = [], 0, 0, 0.0
     for i, prompt in enumerate(PROMPTS):
         a, b = exact["tokens"][i], quant["tokens"][i]
         same = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        top, chosen = teacher_forced(quant["llm"], exact["prompt_ids"][i], a)
+        top, chosen = teacher_forced(quant_llm, exact["prompt_ids"][i], a)
         agree = sum(t == x for t, x in zip(top, a))
         gap = max(abs(c - e) for c, e in zip(chosen, exact["logprobs"][i]))
         forced_agree, forced_total = forced_agree + agree, forced_total + len(a)
