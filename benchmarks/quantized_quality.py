@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dense-copy", choices=["auto", "on", "off"], default="auto",
                    help="off: every product on the packed kernels, as decode steps of up to "
                         "8 rows run (the prompts here are batched, and prefill is many rows)")
+    p.add_argument("--dtype", default="auto",
+                   help="the quantized path's activations (auto: bf16 where the CPU has "
+                        "AVX512-BF16)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="the quantized path's KV cache")
     p.add_argument("--tag", default="cpu_smollm2")
     args = p.parse_args(argv)
     extra = dict(kv_cache_memory=512 << 20)
@@ -95,7 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     del exact_llm  # one model in memory at a time
     gc.collect()
     quant, quant_llm = run_path(args.quantization, PROMPTS, args.max_tokens,
-                     dict(extra, quantized_dense_copy=dense))
+                                dict(extra, quantized_dense_copy=dense, dtype=args.dtype,
+                                     kv_cache_dtype=args.kv_cache_dtype))
+    runner = quant_llm.llm_engine.model_runner
+    activations = str(runner.dtype).removeprefix("torch.")
+    kv_cache = str(runner.kv_cache_dtype).removeprefix("torch.")
     rows, forced_agree, forced_total, max_gap = [], 0, 0, 0.0
     for i, prompt in enumerate(PROMPTS):
         a, b = exact["tokens"][i], quant["tokens"][i]
@@ -125,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "quantization": args.quantization, "dense_copy": args.dense_copy,
+        "activations": activations, "kv_cache": kv_cache,
         "summary": summary, "rows": rows,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -135,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}  ",
         f"Quantized: `--quantization {args.quantization} --quantized-dense-copy "
-        f"{args.dense_copy}` (SmolLM2-135M-Instruct Q4_1 GGUF: int4 layers, refined head); "
+        f"{args.dense_copy} --dtype {args.dtype} --kv-cache-dtype {args.kv_cache_dtype}` "
+        f"(SmolLM2-135M-Instruct Q4_1 GGUF: int4 layers, refined head; {activations} "
+        f"activations, {kv_cache} KV cache); "
         "exact: `--quantization none` (fp32, HF's greedy tokens)", "",
         "| measure | value |", "|---|---|",
         f"| greedy generations identical over {n} tokens | "

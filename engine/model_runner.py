@@ -102,16 +102,40 @@ class StepHandle:
     output: ModelRunnerOutput | None = None  # set by collect()
 
 
-def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+def resolve_device(config: EngineConfig) -> torch.device:
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if config.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, config.dtype)
-    return device, dtype
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 (or AMX, which implies it): bf16 GEMMs in hardware, not emulated."""
+    return bool(torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device, quantized: bool) -> torch.dtype:
+    """The activations' dtype. auto: bf16 on GPUs; on CPUs fp32 (the exact path) unless the
+    weights are quantized and the CPU computes bf16 natively: the packed kernels take bf16
+    in anyway, and the dense copies' GEMMs run 3x faster in bf16 than fp32 in it
+    (benchmarks/results/throughput_cpu_smollm2_int4.md)."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if device.type == "cuda" or (quantized and cpu_has_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_kv_cache_dtype(config: EngineConfig, device: torch.device,
+                           dtype: torch.dtype) -> torch.dtype:
+    if config.kv_cache_dtype == "auto":
+        return dtype
+    kv_dtype = getattr(torch, config.kv_cache_dtype)
+    if device.type != "cpu" and kv_dtype != dtype:
+        raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} differs from the "
+                         f"activations' dtype ({dtype}): supported on CPUs only; on a GPU "
+                         "use --kv-cache-dtype auto")
+    return kv_dtype
 
 
 def _physical_memory() -> int:
@@ -131,7 +155,11 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int) -> None:
         self.config = config
         self.hf_config = hf_config
-        self.device, self.dtype = resolve_device_and_dtype(config)
+        self.device = resolve_device(config)
+        # Which layers to quantize, decided before loading: it picks the activations' dtype.
+        self.quantization_plan = self._quantization_plan(model_dir)
+        self.dtype = resolve_dtype(config, self.device, self.quantization_plan is not None)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config, self.device, self.dtype)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.vocab_size = hf_config.vocab_size
@@ -171,7 +199,7 @@ class ModelRunner:
             init_dummy_weights(model, self.config.seed)
         else:
             model.load_weights(iterate_safetensors(model_dir, torch.float32))
-        if not self._quantize(model, model_dir):
+        if not self._quantize(model):
             model = model.to(device=self.device, dtype=self.dtype)
         model.eval()
         if self.device.type == "cuda" and self.attn_backend.name == "triton":
@@ -180,23 +208,28 @@ class ModelRunner:
             model.pack_for_cpu()
         return model
 
-    def _quantize(self, model, model_dir) -> bool:
-        """Swap in weight-only quantized layers where config.quantization asks (CPU only);
-        False when nothing was quantized."""
+    def _quantization_plan(self, model_dir):
+        """quantization_plan() for this model and config (CPU only); None: all dense."""
         config = self.config
         if self.device.type != "cpu":
             if config.quantization in ("int4", "int8"):
                 raise ValueError(f"quantization {config.quantization!r} runs on CPUs only; "
                                  "on a GPU use --quantization none (or auto)")
-            return False
+            return None
         types_file = Path(model_dir) / TENSOR_TYPES_FILE
         gguf_types = json.loads(types_file.read_text()) if types_file.is_file() else None
         scheme_of = quantization_plan(config.quantization, gguf_types)
-        if scheme_of is None:
-            return False
-        if not packed_kernels_available():
+        if scheme_of is not None and not packed_kernels_available():
             raise RuntimeError(f"quantization {config.quantization!r} needs torch's packed "
                                "int4/int8 CPU kernels, which this torch build lacks")
+        return scheme_of
+
+    def _quantize(self, model) -> bool:
+        """Swap in weight-only quantized layers where the plan asks; False when nothing was
+        quantized."""
+        config, scheme_of = self.config, self.quantization_plan
+        if scheme_of is None:
+            return False
         dense_copy = config.quantized_dense_copy
         if dense_copy is None:
             params = sum(p.numel() for p in model.parameters())
@@ -211,7 +244,7 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------
     def block_bytes(self) -> int:
-        per_token = 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        per_token = 2 * self.num_kv_heads * self.head_dim * self.kv_cache_dtype.itemsize
         return per_token * self.block_size * self.hf_config.num_hidden_layers
 
     def determine_num_blocks(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
@@ -255,7 +288,7 @@ class ModelRunner:
         slots = torch.cat([first * bs + torch.arange(n)
                            for first, n in zip(first_blocks, seq_lens)])
         shape = (2, sum(blocks), bs, self.num_kv_heads, self.head_dim)
-        caches = [torch.zeros(shape, dtype=self.dtype, device=dev)
+        caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=dev)
                   for _ in range(self.hf_config.num_hidden_layers)]
         md = AttentionMetadata(
             num_tokens=num_tokens,
@@ -293,10 +326,11 @@ class ModelRunner:
         # run, which is what makes the CPU gather a memcpy.
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         # Zeros, not empty: masked-out context slots are multiplied by 0 and must not be NaN.
-        self.kv_caches = [_zeros(shape, self.dtype, self.device)
+        self.kv_caches = [_zeros(shape, self.kv_cache_dtype, self.device)
                           for _ in range(self.hf_config.num_hidden_layers)]
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
+        logger.info("KV cache: %d blocks of %d tokens, %s (%.1f MiB)", num_blocks,
+                    self.block_size, str(self.kv_cache_dtype).removeprefix("torch."),
                     num_blocks * self.block_bytes() / 2**20)
 
     def init_input_batch(self, max_num_seqs: int, max_model_len: int) -> None:

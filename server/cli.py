@@ -20,7 +20,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "float16", "bfloat16"],
-                        help="weight and activation dtype (auto: float32 on CPU, bfloat16 on GPU)")
+                        help="activation and dense weight dtype (auto: bfloat16 on GPU; "
+                             "float32 on CPU, bfloat16 for a quantized model on a CPU with "
+                             "AVX512-BF16)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=["auto", "float32", "float16", "bfloat16"],
+                        help="KV cache dtype (auto: the activations'; another dtype on CPU "
+                             "only)")
     parser.add_argument("--quantization", "-q", default="auto",
                         choices=["auto", "none", "int4", "int8"],
                         help="CPU weight-only quantization (auto: a GGUF file's own, as "
@@ -61,7 +67,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+        max_model_len=args.max_model_len,
         quantization=args.quantization,
         quantized_dense_copy={"auto": None, "on": True, "off": False}[args.quantized_dense_copy],
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

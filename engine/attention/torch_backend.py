@@ -140,38 +140,44 @@ class TorchAttentionBackend:
                 sliding_window: int | None = None) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
         kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns like q.
-        With a sliding_window W, each query sees only its W latest positions."""
+        With a sliding_window W, each query sees only its W latest positions.
+        A cache of another dtype than q (a bf16 cache beside fp32 activations) is attended in
+        its own dtype: the queries are cast, not the whole gathered context."""
         write_kv_cache(k, v, kv_cache, md.slot_mapping)
         state: _State = md.backend_state
         out = torch.empty_like(q)
+        cache_dtype = kv_cache.dtype
         for bucket in state.decodes:
             if bucket.buffers is None:
                 bucket.buffers = _gather_buffers(kv_cache, bucket.block_table)
             key, value = _gather(kv_cache, bucket.block_table, bucket.max_ctx, bucket.buffers)
-            query = q[bucket.token_index]  # [S, H, D]
+            query = q[bucket.token_index].to(cache_dtype)  # [S, H, D]
             mask = bucket.mask(sliding_window)
-            out[bucket.token_index] = _attend(query[:, None], key, value, mask, scale)[:, 0]
+            attended = _attend(query[:, None], key, value, mask, scale)[:, 0]
+            out[bucket.token_index] = attended.to(out.dtype)
         for p in state.prefills:
             if p.plain_causal(sliding_window):
                 out[p.start:p.end] = _causal(q[p.start:p.end], k[p.start:p.end],
                                              v[p.start:p.end], scale)
                 continue
+            query = q[None, p.start:p.end]
             if p.block_table is None:  # the chunk's own K/V are its whole context
                 key, value = k[None, p.start:p.end], v[None, p.start:p.end]
             else:
                 key, value = _gather(kv_cache, p.block_table[None], p.ctx_len)
-            out[p.start:p.end] = _attend(q[None, p.start:p.end], key, value,
-                                         p.mask(sliding_window), scale)[0]
+                query = query.to(cache_dtype)
+            out[p.start:p.end] = _attend(query, key, value, p.mask(sliding_window), scale)[0]
         return out
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """Scatter new k, v [T, Hkv, D] into their slots (block_id * block_size + offset)."""
+    """Scatter new k, v [T, Hkv, D] into their slots (block_id * block_size + offset), in
+    the cache's dtype."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     slots = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    slots[0].index_copy_(0, slot_mapping, k)
-    slots[1].index_copy_(0, slot_mapping, v)
+    slots[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    slots[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
 def _gather_buffers(kv_cache: torch.Tensor, block_table: torch.Tensor):

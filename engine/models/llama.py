@@ -284,7 +284,7 @@ class LlamaForCausalLM(nn.Module):
         if swaps:
             head = self.embed_tokens if self.lm_head is None else self.lm_head
             if getattr(head, "bias", None) is None:
-                self.refined_head = RefinedHead(head.weight.detach().float())
+                self.refined_head = RefinedHead(head.weight.detach().float(), dense_copy)
         return len(swaps)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -4,6 +4,7 @@ references, and how a model's layers are chosen for them."""
 import pytest
 import torch
 
+from pagedserve.engine.model_runner import cpu_has_bf16
 from pagedserve.engine.models.quantized import (
     INT4_GROUP,
     PACKED_MAX_ROWS,
@@ -149,28 +150,73 @@ def test_a_quantized_gguf_is_served_in_its_own_scheme(tmp_path):
     prompt = [1, 50, 70, 90, 110, 130, 7, 200, 31, 64]
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
     runs = {}
-    for quantization in ("auto", "none"):
-        llm = LLM(model=str(path), quantization=quantization, kv_cache_memory=16 << 20)
-        ours = llm.llm_engine.model_runner.model
+    # The exact path, the file's own quantization (bf16 activations where the CPU has
+    # AVX512-BF16), and the exact path's fp32 activations over a bf16 KV cache. Prefill in
+    # chunks of 4, so that later chunks attend through the cache.
+    for quantization, kv_cache_dtype in (("none", "auto"), ("auto", "auto"),
+                                         ("none", "bfloat16")):
+        llm = LLM(model=str(path), quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                  kv_cache_memory=16 << 20, max_num_batched_tokens=4)
+        runner = llm.llm_engine.model_runner
+        ours = runner.model
         layers = [m for m in ours.layers.modules() if isinstance(m, QuantizedLinear)]
         assert len(layers) == (4 * model.config.num_hidden_layers if quantization == "auto"
                                else 0)
         assert all(layer.scheme == "int4" for layer in layers)
         assert (ours.refined_head is not None) == (quantization == "auto")
+        bf16 = quantization == "auto" and cpu_has_bf16()
+        assert runner.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert runner.kv_caches[0].dtype == (torch.float32 if runner.dtype == torch.float32
+                                             and kv_cache_dtype == "auto" else torch.bfloat16)
         out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-        runs[quantization] = [next(iter(e.values())).logprob for e in out.prompt_logprobs[1:]]
-    assert runs["auto"] == pytest.approx(runs["none"], abs=0.05)
+        runs[quantization, kv_cache_dtype] = [next(iter(e.values())).logprob
+                                              for e in out.prompt_logprobs[1:]]
+    exact = runs["none", "auto"]
+    assert runs["auto", "auto"] == pytest.approx(exact, abs=0.05)
+    assert runs["none", "bfloat16"] == pytest.approx(exact, abs=0.02)
+    assert runs["none", "bfloat16"] != exact  # the cache did round
 
 
-@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
-def test_the_refined_head_gives_exact_top_logits(rows):
-    """Greedy picks and the top logprobs come out as the fp32 product gives them; the rest
-    stay within the int8 pass's error."""
+def test_dtypes_follow_quantization_and_the_cpu(monkeypatch):
+    """auto: bf16 activations for quantized weights where the CPU computes bf16 natively,
+    else the exact path's fp32; a KV cache of another dtype than the activations is a CPU
+    feature."""
+    from pagedserve.engine import model_runner
+    from pagedserve.engine.config import EngineConfig
+
+    cpu, cuda, auto = torch.device("cpu"), torch.device("cuda"), EngineConfig()
+    monkeypatch.setattr(model_runner, "cpu_has_bf16", lambda: True)
+    assert model_runner.resolve_dtype(auto, cpu, quantized=True) == torch.bfloat16
+    assert model_runner.resolve_dtype(auto, cpu, quantized=False) == torch.float32
+    assert model_runner.resolve_dtype(EngineConfig(dtype="float32"), cpu, True) == torch.float32
+    assert model_runner.resolve_dtype(auto, cuda, quantized=False) == torch.bfloat16
+    monkeypatch.setattr(model_runner, "cpu_has_bf16", lambda: False)
+    assert model_runner.resolve_dtype(auto, cpu, quantized=True) == torch.float32
+
+    kv = model_runner.resolve_kv_cache_dtype
+    assert kv(auto, cpu, torch.float32) == torch.float32
+    assert kv(EngineConfig(kv_cache_dtype="bfloat16"), cpu, torch.float32) == torch.bfloat16
+    assert kv(EngineConfig(kv_cache_dtype="bfloat16"), cuda, torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="CPUs only"):
+        kv(EngineConfig(kv_cache_dtype="float16"), cuda, torch.bfloat16)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineConfig(kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 40])
+def test_the_refined_head_gives_exact_top_logits(rows, dense):
+    """Greedy picks and the top logprobs come out as the fp32 product gives them at every
+    batch size, on either fast path (int8 for few rows, bf16 for many) or the exact one;
+    the rest stay within the fast pass's error. bf16 hidden states (a quantized model's
+    activations) are refined from their exact values."""
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(2048, 64, generator=gen) * 0.1
     hidden = torch.randn(rows, 64, generator=gen) * 4
-    exact = hidden @ weight.t()
-    logits = RefinedHead(weight, refine=32)(hidden)
+    if rows == 40:
+        hidden = hidden.bfloat16()
+    exact = hidden.float() @ weight.t()
+    logits = RefinedHead(weight, dense, refine=32)(hidden)
     assert logits.dtype == torch.float32 and logits.shape == exact.shape
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     top = exact.topk(20, dim=-1)

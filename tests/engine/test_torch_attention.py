@@ -20,13 +20,17 @@ def reference(q, k_ctx, v_ctx, scale):
     return torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 1)])
-def test_matches_reference(num_heads, num_kv_heads):
+def test_matches_reference(num_heads, num_kv_heads, cache_dtype):
+    """fp32 activations over an fp32 cache, or over a bf16 one (--kv-cache-dtype bfloat16):
+    the new K/V are stored rounded, and attention over the cache runs in its dtype."""
     gen = torch.Generator().manual_seed(num_heads * 10 + num_kv_heads)
     head_dim, block_size, num_blocks = 16, 4, 300
     # (context already cached, new tokens): decodes, fresh prefills, chunks mid-block.
     seqs = [(0, 7), (10, 1), (37, 1), (3, 1), (0, 1), (5, 9), (120, 1), (13, 3), (64, 1)]
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim,
+                           generator=gen).to(cache_dtype)
     perm = torch.randperm(num_blocks, generator=gen).tolist()  # random, large block ids
     tables, slots, qsl, seq_lens = [], [], [0], []
     for cached, new in seqs:
@@ -63,13 +67,23 @@ def test_matches_reference(num_heads, num_kv_heads):
     for i, (cached, new) in enumerate(seqs):
         # The context as the cache holds it after the write (the backend wrote k/v).
         ids = torch.tensor(tables[i])
-        k_ctx = kv_cache[0, ids].reshape(-1, num_kv_heads, head_dim)
-        v_ctx = kv_cache[1, ids].reshape(-1, num_kv_heads, head_dim)
-        assert torch.equal(k_ctx[cached:cached + new], k[qsl[i]:qsl[i + 1]])
+        k_ctx = kv_cache[0, ids].reshape(-1, num_kv_heads, head_dim).float()
+        v_ctx = kv_cache[1, ids].reshape(-1, num_kv_heads, head_dim).float()
+        assert torch.equal(k_ctx[cached:cached + new],
+                           k[qsl[i]:qsl[i + 1]].to(cache_dtype).float())
+        # A fresh prefill attends over its own K/V as computed; everything else over the
+        # cache, in bf16 when the cache is bf16.
+        fresh = cached == 0 and new > 1
+        tol = 1e-5 if fresh or cache_dtype == torch.float32 else 3e-2
         for j in range(new):
-            pos = cached + j
-            expected = reference(q[qsl[i] + j], k_ctx[:pos + 1], v_ctx[:pos + 1], scale)
-            torch.testing.assert_close(out[qsl[i] + j], expected, atol=1e-5, rtol=1e-5)
+            pos, row = cached + j, qsl[i] + j
+            if fresh:
+                keys, values = k[qsl[i]:row + 1], v[qsl[i]:row + 1]
+            else:
+                keys, values = k_ctx[:pos + 1], v_ctx[:pos + 1]
+            expected = reference(q[row], keys, values, scale)
+            torch.testing.assert_close(out[row], expected, atol=tol, rtol=tol)
+    assert out.dtype == q.dtype
 
 
 @pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
