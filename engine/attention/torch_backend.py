@@ -42,12 +42,17 @@ class _DecodeBucket:
     # Gather buffers reused by every layer of the step: fresh multi-MB tensors per layer
     # would cost page faults comparable to the copy itself.
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-    masks: dict = field(default_factory=dict)  # sliding window -> [S, 1, 1, max_ctx] bool
+    masks: dict = field(default_factory=dict)  # (window, dtype) -> [S, 1, 1, max_ctx]
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        if window not in self.masks:
-            self.masks[window] = _visible(self.q_pos, self.max_ctx, window)[:, None, None, :]
-        return self.masks[window]
+    def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (0 or -inf, in the queries' dtype): CPU SDPA runs decode shapes ~1.4x
+        faster with it than with a boolean mask, to the same result."""
+        if (window, dtype) not in self.masks:
+            visible = _visible(self.q_pos, self.max_ctx, window)[:, None, None, :]
+            self.masks[window, dtype] = torch.zeros(visible.shape, dtype=dtype,
+                                                    device=visible.device
+                                                    ).masked_fill_(~visible, float("-inf"))
+        return self.masks[window, dtype]
 
 
 @dataclass(slots=True)
@@ -152,7 +157,7 @@ class TorchAttentionBackend:
                 bucket.buffers = _gather_buffers(kv_cache, bucket.block_table)
             key, value = _gather(kv_cache, bucket.block_table, bucket.max_ctx, bucket.buffers)
             query = q[bucket.token_index].to(cache_dtype)  # [S, H, D]
-            mask = bucket.mask(sliding_window)
+            mask = bucket.mask(sliding_window, cache_dtype)
             attended = _attend(query[:, None], key, value, mask, scale)[:, 0]
             out[bucket.token_index] = attended.to(out.dtype)
         for p in state.prefills:
