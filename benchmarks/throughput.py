@@ -138,6 +138,8 @@ def run_pagedserve(args, workload) -> dict:
         "num_preemptions": engine.scheduler.num_preemptions,
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mib": peak_rss_mib(),
+        "dtype": str(engine.model_runner.dtype).removeprefix("torch."),
+        "compiled": engine.model_runner.compiled is not None,
     }
 
 
@@ -211,8 +213,9 @@ def linear_shapes(config) -> list[tuple[int, int]]:
 
 
 def compute_floor(config, workload, dtype_name: str) -> dict:
-    """FLOPs of the workload's GEMMs against this machine's measured GEMM rate: the time
-    no engine can beat on this CPU without skipping work."""
+    """FLOPs of the workload's GEMMs against this machine's measured GEMM rate in our
+    activations' dtype (dense GEMMs: the quantized path's big batches run on dense bf16
+    copies): the time no engine can beat on this CPU without skipping work."""
     import torch
     import torch.nn.functional as F
 
@@ -273,8 +276,11 @@ def write_results(args, result: dict) -> Path:
     floor = result["gemm_floor"]
     lines += [
         "",
+        f"pagedserve ran {ours['dtype']} activations"
+        f"{', compiled forward' if ours['compiled'] else ', eager'}.",
+        "",
         f"GEMM floor on this machine: {floor['workload_tflop']:.2f} TFLOP of linear layers "
-        f"({floor['gflop_per_token']:.3f} GFLOP/token) at the measured "
+        f"({floor['gflop_per_token']:.3f} GFLOP/token) at the measured {ours['dtype']} "
         f"{floor['gemm_gflops_m1024']:.0f} GFLOP/s (1024-row GEMMs, prefill) and "
         f"{floor['gemm_gflops_m32']:.0f} GFLOP/s (32-row GEMMs, decode) = "
         f"**{floor['floor_s']:.1f} s** minimum for this workload; output tok/s ceiling "
@@ -322,11 +328,11 @@ def main() -> None:
                          f"{args.output_len[1]} tokens, ignore_eos, seed {args.seed}"),
             "total_prompt_tokens": sum(len(w["prompt_token_ids"]) for w in workload),
             "total_output_tokens": sum(w["max_tokens"] for w in workload),
-            "gemm_floor": compute_floor(config, workload, args.dtype),
         }
         ours = run_child("pagedserve", args, workload_path)
         ours["output_tok_s"] = ours["output_tokens"] / ours["elapsed_s"]
         result["pagedserve"] = ours
+        result["gemm_floor"] = compute_floor(config, workload, ours["dtype"])
         print(f"pagedserve: {ours['output_tok_s']:.1f} output tok/s "
               f"({ours['elapsed_s']:.1f}s, KV waste {ours['kv_waste_mean']:.1%})", flush=True)
         if not args.skip_hf:

@@ -43,7 +43,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # CPU KV cache budget in bytes; default 2 GiB
     seed: int = 0
-    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
+    # No CUDA graphs for decode steps (GPU), no torch.compile'd forward (CPU, quantized model).
+    enforce_eager: bool = False
     # Schedule and launch step N+1 before processing step N's outputs (vLLM's
     # --async-scheduling). None: on for GPUs; off for CPUs, where it has not paid (see
     # benchmarks/results/async_scheduling_cpu_smollm2.md).

@@ -138,6 +138,7 @@ class LLMEngine:
         self.model_runner.allocate_kv_cache(num_blocks)
         self.model_runner.init_input_batch(config.max_num_seqs, self.max_model_len)
         self.model_runner.capture_cuda_graphs(config.max_num_seqs)
+        self.model_runner.compile_forward(self._token_budget())
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pagedserve.engine.attention import AttentionMetadata, get_attention_backend
+from pagedserve.engine.compiled import CompiledForward
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cuda_graph import CudaGraphRunner
 from pagedserve.engine.input_batch import CachedRequestState, InputBatch, StepInputs
@@ -186,6 +187,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.cuda_graphs: CudaGraphRunner | None = None
+        self.compiled: CompiledForward | None = None
 
     def _load_model(self, model_cls, model_dir):
         # Build on the meta device so no time goes into initialising weights we overwrite.
@@ -347,6 +349,22 @@ class ModelRunner:
                                            self.device)
         self.cuda_graphs.capture()
 
+    def compile_forward(self, max_num_batched_tokens: int) -> None:
+        """CPU, quantized model, not enforce_eager: the forward under torch.compile, compiled
+        now for every row count (engine/compiled.py). The exact fp32 path stays eager: fused
+        loops round differently from HF's ops."""
+        if (self.device.type != "cpu" or self.config.enforce_eager
+                or self.quantization_plan is None or self.attn_backend.name != "torch"):
+            return
+        self.compiled = CompiledForward(self.model, self.attn_backend, self.kv_caches)
+
+        def dummy_step(num_tokens):
+            input_ids, positions, _, md = self.dummy_prefill(num_tokens)
+            return input_ids, positions, md
+
+        with torch.inference_mode():
+            self.compiled.warm_up(dummy_step, max_num_batched_tokens)
+
     # ---- one step -------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply the scheduler's diffs to the persistent batch: drop finished and preempted
@@ -429,6 +447,9 @@ class ModelRunner:
         graphs = self.cuda_graphs
         if graphs is not None and md.max_query_len == 1 and md.num_tokens <= graphs.max_batch_size:
             hidden = graphs.run(input_ids, positions, md)
+        elif self.compiled is not None:
+            self.attn_backend.prepare(md)
+            hidden = self.compiled(input_ids, positions, md)
         else:
             self.attn_backend.prepare(md)
             hidden = self.model(input_ids, positions, self.kv_caches, md)

@@ -53,7 +53,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="fraction of GPU memory the engine may use (weights, activations "
                              "and the KV cache)")
     parser.add_argument("--enforce-eager", action="store_true",
-                        help="GPU: run decode steps eagerly instead of through CUDA graphs")
+                        help="run eagerly: no CUDA graphs for decode steps (GPU), no "
+                             "torch.compile'd forward for quantized models (CPU)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="schedule and launch each step before the previous step's "

@@ -6,6 +6,8 @@ A layer's KV cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,3 +41,41 @@ def get_attention_backend(name: str, num_heads: int, num_kv_heads: int):
 
         return TritonAttentionBackend(num_heads, num_kv_heads)
     raise ValueError(f"unknown attention backend {name!r}; available: 'torch', 'triton'")
+
+
+# The compiled forward (engine/compiled.py) treats attention as one opaque op per layer:
+# its per-step metadata (python lists, the backend's buckets) is no graph input, so the op
+# reads it from the step in progress on this thread instead.
+_compiled_step = threading.local()
+
+
+@contextmanager
+def compiled_step(backend, md: AttentionMetadata):
+    """Run a compiled forward over `md`: its paged_attention ops attend through backend."""
+    _compiled_step.current = (backend, md)
+    try:
+        yield
+    finally:
+        _compiled_step.current = None
+
+
+@torch.library.custom_op("pagedserve::paged_attention", mutates_args=("kv_cache",))
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    scale: float, sliding_window: int | None) -> torch.Tensor:
+    """backend.forward(q, k, v, kv_cache, md, ...) of the compiled step in progress."""
+    backend, md = _compiled_step.current
+    return backend.forward(q, k, v, kv_cache, md, scale, sliding_window)
+
+
+@paged_attention.register_fake
+def _(q, k, v, kv_cache, scale, sliding_window):
+    return torch.empty_like(q)
+
+
+def attend(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+           md: AttentionMetadata | None, scale: float, sliding_window: int | None):
+    """A layer's attention: through the backend with the step's metadata md, or, with md
+    None (inside a compiled forward), through the opaque paged_attention op."""
+    if md is None:
+        return paged_attention(q, k, v, kv_cache, scale, sliding_window)
+    return backend.forward(q, k, v, kv_cache, md, scale, sliding_window)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.engine.attention import AttentionMetadata
+from pagedserve.engine.attention import AttentionMetadata, attend
 from pagedserve.engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
 from pagedserve.engine.models.quantized import RefinedHead, quantize_linear
 
@@ -144,7 +144,7 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor,
-                md: AttentionMetadata) -> torch.Tensor:
+                md: AttentionMetadata | None) -> torch.Tensor:
         num_tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -154,7 +154,7 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         # Queries and keys rotate together: one set of elementwise ops instead of two.
         q, k = rope.apply(qk).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
+        out = attend(self.backend, q, k, v, kv_cache, md, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -229,8 +229,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], md: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
+                kv_caches: list[torch.Tensor], md: AttentionMetadata | None) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden].
+        md None: the metadata of the compiled step in progress (attention.compiled_step)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
         residual = None

@@ -1,0 +1,66 @@
+"""The CPU counterpart of cuda_graph.py: the model's forward under torch.compile (inductor's
+C++ backend), so that a decode step's hundreds of small eager ops (norms, rotary, SiLU,
+residual adds, casts) run as a few fused loops. Attention stays eager, as one opaque op per
+layer (attention.paged_attention) that reads the step's metadata from the step in progress.
+
+Graphs are specialised by row count the way the layers branch on it: one for a single row,
+one dynamic graph for 2..PACKED_MAX_ROWS rows (the packed int4/int8 kernels), one for more
+(the dense bf16 copies: prefill and big decode batches). warm_up() compiles all three at
+start-up; inductor's cache under the user cache dir makes a restart reuse their code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from pagedserve.engine.attention import AttentionMetadata, compiled_step
+from pagedserve.engine.loader.resolve import pagedserve_cache_dir
+from pagedserve.engine.models.quantized import PACKED_MAX_ROWS
+
+logger = logging.getLogger(__name__)
+
+
+def use_inductor_cache_dir() -> str:
+    """Inductor's on-disk cache under ours ($TORCHINDUCTOR_CACHE_DIR wins), instead of a /tmp
+    folder that a reboot empties."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                                 str(pagedserve_cache_dir() / "inductor"))
+
+
+class CompiledForward:
+    def __init__(self, model, attn_backend, kv_caches: list[torch.Tensor]) -> None:
+        use_inductor_cache_dir()
+        self.attn_backend = attn_backend
+        self.kv_caches = kv_caches
+        for cache in kv_caches:
+            # Only the opaque attention op reads the cache: its block count needn't be baked
+            # in, and engines with caches of other sizes then share the compiled code.
+            torch._dynamo.mark_dynamic(cache, 1)
+        # dynamic=None: the first graph is specialised to its row count, a second row count
+        # makes the row dimension dynamic (torch.compile's automatic dynamic shapes).
+        self._forward = torch.compile(model, fullgraph=True, options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 md: AttentionMetadata) -> torch.Tensor:
+        """The model's hidden states for the step md describes (prepared by the backend)."""
+        with compiled_step(self.attn_backend, md):
+            return self._forward(input_ids, positions, self.kv_caches, None)
+
+    def warm_up(self, dummy_step, max_rows: int) -> None:
+        """Compile every graph a step can need before the first request: 1 row, 2 rows (the
+        dynamic graph for up to PACKED_MAX_ROWS), and more where steps get that big.
+        dummy_step(num_tokens) gives a dummy prefill's (input_ids, positions, md) over the
+        real cache; what it writes there is overwritten before any request reads it."""
+        sizes = [n for n in (1, 2, PACKED_MAX_ROWS + 1) if n <= max_rows]
+        start = time.perf_counter()
+        for i, num_tokens in enumerate(sizes):
+            logger.warning("Compiling the CPU forward (%d/%d, %d rows; cached for the next "
+                           "start; --enforce-eager skips this)", i + 1, len(sizes), num_tokens)
+            input_ids, positions, md = dummy_step(num_tokens)
+            self.attn_backend.prepare(md)
+            self(input_ids, positions, md)
+        logger.warning("Compiled the CPU forward in %.1fs", time.perf_counter() - start)
