@@ -116,7 +116,8 @@ def run_pagedserve(args, workload) -> dict:
     llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False,
-              load_format=args.load_format, quantization=args.quantization)
+              load_format=args.load_format, quantization=args.quantization,
+              enforce_eager=args.enforce_eager)
     engine = llm.llm_engine
     waste_samples, batch_sizes = [], []
 
@@ -187,6 +188,8 @@ def run_child(runner: str, args, workload_path: Path) -> dict:
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -306,6 +309,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--kv-cache-memory", type=int, default=2 << 30)
     p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="pagedserve without its compiled CPU forward")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--tag", default="cpu_smollm2")
     add_child_args(p)

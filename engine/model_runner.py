@@ -362,8 +362,13 @@ class ModelRunner:
             input_ids, positions, _, md = self.dummy_prefill(num_tokens)
             return input_ids, positions, md
 
-        with torch.inference_mode():
-            self.compiled.warm_up(dummy_step, max_num_batched_tokens)
+        try:
+            with torch.inference_mode():
+                self.compiled.warm_up(dummy_step, max_num_batched_tokens)
+        except Exception as e:  # no C++ compiler, an inductor bug: eager still serves
+            logger.warning("Compiling the CPU forward failed, running it eagerly: %s: %s",
+                           type(e).__name__, e)
+            self.compiled = None
 
     # ---- one step -------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:

@@ -80,3 +80,18 @@ def test_inductor_caches_under_the_user_cache_dir(monkeypatch, tmp_path):
     assert use_inductor_cache_dir() == str(tmp_path / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     assert use_inductor_cache_dir() == "/elsewhere"
+
+
+def test_a_failed_compile_falls_back_to_eager(q4_1_gguf, monkeypatch):
+    """No C++ compiler (or an inductor bug) must not keep the engine from serving."""
+    from pagedserve.engine.compiled import CompiledForward
+
+    def fail(self, dummy_step, max_rows):
+        raise RuntimeError("no working C++ compiler")
+
+    monkeypatch.setattr(CompiledForward, "warm_up", fail)
+    llm = _engine(q4_1_gguf)
+    assert llm.llm_engine.model_runner.compiled is None
+    out = llm.generate([{"prompt_token_ids": [1, 5, 9]}], SamplingParams(max_tokens=3),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
