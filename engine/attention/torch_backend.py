@@ -35,7 +35,9 @@ def _visible(q_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Te
 
 @dataclass(slots=True)
 class _DecodeBucket:
-    token_index: torch.Tensor  # [S] int64: each decode token's row in the flat batch
+    # [S] int64: each decode token's row in the flat batch; None when the bucket is the
+    # whole batch in its order (a decode-only step, e.g. a single stream): no gather, no scatter
+    token_index: torch.Tensor | None
     block_table: torch.Tensor  # [S, num_blocks] int64
     q_pos: torch.Tensor  # [S] int64: each decode token's position (context length - 1)
     max_ctx: int
@@ -111,12 +113,16 @@ class TorchAttentionBackend:
         decodes = np.flatnonzero(query_lens == 1)
         decodes = decodes[np.argsort(seq_lens[decodes], kind="stable")]
         ctx_lens = seq_lens[decodes]
-        md.backend_state = _State(
+        state = _State(
             decodes=[self._decode_bucket(md, decodes[a:b], qsl, ctx_lens[a:b])
                      for a, b in _buckets(ctx_lens.tolist())],
             prefills=[self._prefill(md, i, md.query_start_loc_cpu)
                       for i in np.flatnonzero(query_lens > 1).tolist()],
         )
+        if (len(state.decodes) == 1 and not state.prefills
+                and np.array_equal(decodes, np.arange(len(decodes)))):
+            state.decodes[0].token_index = None
+        md.backend_state = state
 
     def _decode_bucket(self, md: AttentionMetadata, seqs: np.ndarray, qsl: np.ndarray,
                        ctx_lens: np.ndarray) -> _DecodeBucket:
@@ -156,10 +162,13 @@ class TorchAttentionBackend:
             if bucket.buffers is None:
                 bucket.buffers = _gather_buffers(kv_cache, bucket.block_table)
             key, value = _gather(kv_cache, bucket.block_table, bucket.max_ctx, bucket.buffers)
-            query = q[bucket.token_index].to(cache_dtype)  # [S, H, D]
+            whole = bucket.token_index is None
+            query = (q if whole else q[bucket.token_index]).to(cache_dtype)  # [S, H, D]
             mask = bucket.mask(sliding_window, cache_dtype)
-            attended = _attend(query[:, None], key, value, mask, scale)[:, 0]
-            out[bucket.token_index] = attended.to(out.dtype)
+            attended = _attend(query[:, None], key, value, mask, scale)[:, 0].to(out.dtype)
+            if whole:  # laid out like `out` (the compiled graph's view of this op's result)
+                return attended.contiguous()
+            out[bucket.token_index] = attended
         for p in state.prefills:
             if p.plain_causal(sliding_window):
                 out[p.start:p.end] = _causal(q[p.start:p.end], k[p.start:p.end],
