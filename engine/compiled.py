@@ -1,7 +1,8 @@
 """The CPU counterpart of cuda_graph.py: the model's forward under torch.compile (inductor's
 C++ backend), so that a decode step's hundreds of small eager ops (norms, rotary, SiLU,
 residual adds, casts) run as a few fused loops. Attention stays eager, as one opaque op per
-layer (attention.paged_attention) that reads the step's metadata from the step in progress.
+layer (torch.ops.pagedserve.paged_attention, engine/attention) that reads the step's
+metadata from the step in progress.
 
 Graphs are specialised by row count the way the layers branch on it: one for a single row,
 one dynamic graph for 2..PACKED_MAX_ROWS rows (the packed int4/int8 kernels), one for more
