@@ -113,24 +113,22 @@ class TorchAttentionBackend:
         decodes = np.flatnonzero(query_lens == 1)
         decodes = decodes[np.argsort(seq_lens[decodes], kind="stable")]
         ctx_lens = seq_lens[decodes]
-        state = _State(
+        md.backend_state = _State(
             decodes=[self._decode_bucket(md, decodes[a:b], qsl, ctx_lens[a:b])
                      for a, b in _buckets(ctx_lens.tolist())],
             prefills=[self._prefill(md, i, md.query_start_loc_cpu)
                       for i in np.flatnonzero(query_lens > 1).tolist()],
         )
-        if (len(state.decodes) == 1 and not state.prefills
-                and np.array_equal(decodes, np.arange(len(decodes)))):
-            state.decodes[0].token_index = None
-        md.backend_state = state
 
     def _decode_bucket(self, md: AttentionMetadata, seqs: np.ndarray, qsl: np.ndarray,
                        ctx_lens: np.ndarray) -> _DecodeBucket:
         device = md.slot_mapping.device
         max_ctx = int(ctx_lens[-1])  # sorted
         num_blocks = -(-max_ctx // md.block_size)
+        rows = qsl[seqs].astype(np.int64)
+        whole = len(rows) == md.num_tokens and np.array_equal(rows, np.arange(md.num_tokens))
         return _DecodeBucket(
-            token_index=torch.from_numpy(qsl[seqs].astype(np.int64)).to(device),
+            token_index=None if whole else torch.from_numpy(rows).to(device),
             block_table=md.block_table[torch.from_numpy(seqs).to(device), :num_blocks].long(),
             q_pos=torch.from_numpy(ctx_lens - 1).to(device=device, dtype=torch.long),
             max_ctx=max_ctx,
