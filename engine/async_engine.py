@@ -86,6 +86,13 @@ class _Stop:
     abort_in_flight: bool
 
 
+@dataclass(slots=True)
+class _Failed:
+    """The executor failed between steps (a tensor-parallel worker died)."""
+
+    reason: str
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, max_waiting_requests: int | None = None, *,
                  engine: LLMEngine | None = None,
@@ -131,6 +138,8 @@ class AsyncEngine:
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
         self._stats = self.engine.stats()
+        # Woken at once, so in-flight requests fail and /health turns within a second.
+        self.engine.executor.on_failure(lambda reason: self._commands.put(_Failed(reason)))
         self._ready.set()  # the loop may start
 
     @classmethod
@@ -212,7 +221,8 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and not self._closed and self._thread.is_alive()
+        return (self._dead is None and not self._closed and self._thread.is_alive()
+                and self.engine.failure is None)
 
     async def stop(self, abort_in_flight: bool = True) -> None:
         """Stop the loop thread: abort in-flight requests (they end with finish_reason
@@ -256,7 +266,11 @@ class AsyncEngine:
             built.set_exception(exc)
             return
         self._ready.wait()
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            if engine is None:  # built here: its workers, if any, end with the loop
+                self.engine.shutdown()
 
     def _loop(self) -> None:
         stopping = False
@@ -294,15 +308,19 @@ class AsyncEngine:
                     break
         logger.info("engine loop stopped")
 
-    def _refuse(self, command: _Add | _Abort | _Stop) -> None:
+    def _refuse(self, command: _Add | _Abort | _Stop | _Failed) -> None:
         if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
             command.accepted.set_exception(EngineShutDownError("the engine is shut down"))
         elif (isinstance(command, _Abort) and command.done is not None
               and command.done.set_running_or_notify_cancel()):
             command.done.set_result(None)
 
-    def _handle(self, command: _Add | _Abort | _Stop, stopping: bool) -> bool:
+    def _handle(self, command: _Add | _Abort | _Stop | _Failed, stopping: bool) -> bool:
         """Run one command; True if it was the stop."""
+        if isinstance(command, _Failed):
+            if self._dead is None:
+                self._die(RuntimeError(f"the tensor-parallel executor failed: {command.reason}"))
+            return False
         if isinstance(command, _Add):
             if not command.accepted.set_running_or_notify_cancel():
                 return False  # the caller went away before we got to it

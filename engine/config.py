@@ -50,6 +50,9 @@ class EngineConfig:
     # benchmarks/results/async_scheduling_cpu_smollm2.md).
     async_scheduling: bool | None = None
     attention_backend: str | None = None  # "torch" or "triton"; None: triton on GPU, torch on CPU
+    # Ranks the model is split over (engine/executor.py): heads, MLP features and vocabulary
+    # divided among worker processes, gloo on CPUs, NCCL on GPUs (one GPU per rank).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -65,7 +68,8 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if value is None and name == "max_num_batched_tokens":
                 continue

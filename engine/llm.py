@@ -26,6 +26,10 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers now rather than when the LLM is collected."""
+        self.llm_engine.shutdown()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

@@ -14,8 +14,9 @@ import torch
 
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.executor import Executor
 from pagedserve.engine.kv_cache import KVCacheManager
-from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput, StepHandle
+from pagedserve.engine.model_runner import ModelRunnerOutput, StepHandle
 from pagedserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.engine.request import FINISH_REASONS, Request, RequestStatus
 from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -121,24 +122,15 @@ class LLMEngine:
         self.eos_token_ids = load_eos_token_ids(model_dir, self.hf_config, self.tokenizer)
         torch.manual_seed(config.seed)
 
-        self.model_runner = ModelRunner(config, self.hf_config, model_dir, self.max_model_len)
-        num_blocks = self.model_runner.determine_num_blocks(config.max_num_seqs,
-                                                            self._token_budget())
-        capacity = num_blocks * config.block_size
-        if capacity < self.max_model_len:
-            if config.max_model_len is not None:
-                raise ValueError(
-                    f"max_model_len={self.max_model_len} does not fit in the KV cache "
-                    f"({num_blocks} blocks x {config.block_size} = {capacity} tokens); "
-                    "give the cache more memory or lower max_model_len"
-                )
-            logger.warning("max_model_len lowered from %d to the KV cache's %d tokens",
-                           self.max_model_len, capacity)
-            self.max_model_len = capacity
-        self.model_runner.allocate_kv_cache(num_blocks)
-        self.model_runner.init_input_batch(config.max_num_seqs, self.max_model_len)
-        self.model_runner.capture_cuda_graphs(config.max_num_seqs)
-        self.model_runner.compile_forward(self._token_budget())
+        # Every rank's runner makes the calls made through the executor; model_runner is
+        # rank 0's (the only one without tensor parallelism), whose results they are.
+        self.executor = Executor.create(config, self.hf_config, model_dir, self.max_model_len)
+        self.model_runner = self.executor.driver
+        try:
+            num_blocks = self._init_runners()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
@@ -166,6 +158,28 @@ class LLMEngine:
         logger.info("Engine ready in %.1fs: %s on %s (%s), max_model_len=%d",
                     time.perf_counter() - start, model_dir, self.model_runner.device,
                     self.model_runner.dtype, self.max_model_len)
+
+    def _init_runners(self) -> int:
+        """Size the KV cache, allocate it and the input batch, capture or compile the
+        forward; returns the number of KV blocks."""
+        config, run = self.config, self.executor.run
+        num_blocks = run("determine_num_blocks", config.max_num_seqs, self._token_budget())
+        capacity = num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len={self.max_model_len} does not fit in the KV cache "
+                    f"({num_blocks} blocks x {config.block_size} = {capacity} tokens); "
+                    "give the cache more memory or lower max_model_len"
+                )
+            logger.warning("max_model_len lowered from %d to the KV cache's %d tokens",
+                           self.max_model_len, capacity)
+            self.max_model_len = capacity
+        run("allocate_kv_cache", num_blocks)
+        run("init_input_batch", config.max_num_seqs, self.max_model_len)
+        run("capture_cuda_graphs", config.max_num_seqs)
+        run("compile_forward", self._token_budget())
+        return num_blocks
 
     def _token_budget(self) -> int:
         if self.config.max_num_batched_tokens is not None:
@@ -370,10 +384,10 @@ class LLMEngine:
 
     def _launch(self, so: SchedulerOutput) -> _Launched:
         bitmask = self._grammar_bitmask if self._num_guided else None
-        runner = self.model_runner
+        executor = self.executor
         if self._runner_thread is not None:
-            return _Launched(so, self._runner_thread.submit(runner.execute_model, so, bitmask))
-        return _Launched(so, runner.execute_model(so, bitmask))
+            return _Launched(so, self._runner_thread.submit(executor.execute_model, so, bitmask))
+        return _Launched(so, executor.execute_model(so, bitmask))
 
     def _finish_step(self, launched: _Launched) -> list[RequestOutput]:
         """Wait for a launched step and process its results into outputs."""
@@ -571,7 +585,16 @@ class LLMEngine:
             self._requests.pop(child.request_id, None)
             self._parent_of.pop(child.request_id, None)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op without them). The engine is done."""
+        self.executor.shutdown()
+
     # ---- introspection --------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        """Why no step can run any more (a tensor-parallel worker died); None when they can."""
+        return self.executor.failure
+
     @property
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.config.model, str(self.model_dir), self.max_model_len,

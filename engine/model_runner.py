@@ -23,6 +23,7 @@ from pagedserve.engine.attention import AttentionMetadata, get_attention_backend
 from pagedserve.engine.compiled import CompiledForward
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cuda_graph import CudaGraphRunner
+from pagedserve.engine.distributed import SINGLE, TensorParallel
 from pagedserve.engine.input_batch import CachedRequestState, InputBatch, StepInputs
 from pagedserve.engine.loader.gguf import TENSOR_TYPES_FILE
 from pagedserve.engine.loader.weights import init_dummy_weights, iterate_safetensors
@@ -103,11 +104,15 @@ class StepHandle:
     output: ModelRunnerOutput | None = None  # set by collect()
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
+def resolve_device(config: EngineConfig, tp: TensorParallel = SINGLE) -> torch.device:
+    """The device; under tensor parallelism on GPUs, rank r's is cuda:r."""
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and tp.size > 1:
+        device = torch.device("cuda", tp.rank)
+    return device
 
 
 def cpu_has_bf16() -> bool:
@@ -153,10 +158,16 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int) -> None:
+    """One rank's model, KV cache and input batch. Under tensor parallelism every rank runs
+    the same steps (engine/executor.py): its own heads' share of the forward, whole logits
+    (gathered), and rank 0's sampled tokens, broadcast."""
+
+    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int,
+                 tp: TensorParallel = SINGLE) -> None:
         self.config = config
         self.hf_config = hf_config
-        self.device = resolve_device(config)
+        self.tp = tp
+        self.device = resolve_device(config, tp)
         # Which layers to quantize, decided before loading: it picks the activations' dtype.
         self.quantization_plan = self._quantization_plan(model_dir)
         self.dtype = resolve_dtype(config, self.device, self.quantization_plan is not None)
@@ -174,9 +185,12 @@ class ModelRunner:
         backend_name = config.attention_backend or (
             "triton" if self.device.type == "cuda" else "torch")
         num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
         self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-        self.attn_backend = get_attention_backend(backend_name, num_heads, self.num_kv_heads)
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_kv_heads = tp.kv_heads(getattr(hf_config, "num_key_value_heads", None)
+                                        or num_heads)[1]
+        self.attn_backend = get_attention_backend(
+            backend_name, tp.split(num_heads, "num_attention_heads"), self.num_kv_heads)
 
         self.model = self._load_model(get_model_class(hf_config), model_dir)
         self.sampler = Sampler()
@@ -192,7 +206,7 @@ class ModelRunner:
     def _load_model(self, model_cls, model_dir):
         # Build on the meta device so no time goes into initialising weights we overwrite.
         with torch.device("meta"):
-            model = model_cls(self.hf_config, self.attn_backend, self.max_model_len)
+            model = model_cls(self.hf_config, self.attn_backend, self.max_model_len, self.tp)
         model = model.to_empty(device="cpu")
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
@@ -269,7 +283,8 @@ class ModelRunner:
         # Beyond every sequence at full length, blocks only feed the prefix cache; cap there
         # so tiny models don't allocate millions of bookkeeping objects.
         blocks_per_seq = -(-self.max_model_len // self.block_size)
-        return int(min(num_blocks, 2 * blocks_per_seq * max_num_seqs))
+        # Every rank holds the same blocks (of its own heads): as many as the tightest fits.
+        return self.tp.min(int(min(num_blocks, 2 * blocks_per_seq * max_num_seqs)))
 
     def dummy_prefill(self, num_tokens: int):
         """Inputs of a prefill-only step of num_tokens dummy tokens, as sequences of up to
@@ -341,7 +356,7 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, max_num_seqs: int) -> None:
         """Capture decode-step graphs (GPU, graph-safe backend, not enforce_eager)."""
-        if (self.device.type != "cuda" or self.config.enforce_eager
+        if (self.device.type != "cuda" or self.config.enforce_eager or self.tp.size > 1
                 or not getattr(self.attn_backend, "supports_cuda_graphs", False)):
             return
         self.cuda_graphs = CudaGraphRunner(self.model, self.attn_backend, self.kv_caches,
@@ -352,8 +367,9 @@ class ModelRunner:
     def compile_forward(self, max_num_batched_tokens: int) -> None:
         """CPU, quantized model, not enforce_eager: the forward under torch.compile, compiled
         now for every row count (engine/compiled.py). The exact fp32 path stays eager: fused
-        loops round differently from HF's ops."""
-        if (self.device.type != "cpu" or self.config.enforce_eager
+        loops round differently from HF's ops. Not under tensor parallelism (yet): its
+        all-reduces run eagerly."""
+        if (self.device.type != "cpu" or self.config.enforce_eager or self.tp.size > 1
                 or self.quantization_plan is None or self.attn_backend.name != "torch"):
             return
         self.compiled = CompiledForward(self.model, self.attn_backend, self.kv_caches)
@@ -473,13 +489,19 @@ class ModelRunner:
         penalised, counts, prompt_mask = batch.penalty_tensors(step.sample_rows, sampling)
         metadata = SamplingMetadata.from_rows(sampling, self.vocab_size, self.device,
                                               counts, prompt_mask)
-        result = self.sampler(logits, metadata)
-        batch.count_sampled(step.sample_rows, penalised, result.sampled_token_ids)
+        if self.tp.rank == 0:
+            result = self.sampler(logits, metadata)
+            sampled = result.sampled_token_ids
+        else:  # rank 0 samples (its grammar masks, its random streams) for every rank
+            result = None
+            sampled = torch.empty(len(step.sample_rows), dtype=torch.long, device=self.device)
+        self.tp.broadcast(sampled)
+        batch.count_sampled(step.sample_rows, penalised, sampled)
         handle.req_ids = step.sample_request_ids
         handle.positions = batch.reserve_sampled(step.sample_rows)
-        handle.sampled = result.sampled_token_ids
-        tensors = [result.sampled_token_ids]
-        if result.logprobs is not None:
+        handle.sampled = sampled
+        tensors = [sampled]
+        if result is not None and result.logprobs is not None:
             tensors += [result.logprobs, result.topk_token_ids, result.topk_logprobs]
         handle.results = _HostCopy(tensors)
         self._unrecorded.append(handle)

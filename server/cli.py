@@ -61,6 +61,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "outputs are processed (default: on for GPUs, off for CPUs)")
     parser.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
                         help="attention kernels (default: triton on GPU, torch on CPU)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model over this many ranks: worker processes over "
+                             "gloo on CPU, one GPU each over NCCL")
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"])
@@ -77,6 +80,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

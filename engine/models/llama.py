@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.engine.attention import AttentionMetadata, attend
+from pagedserve.engine.distributed import SINGLE, TensorParallel, shard_checkpoint_tensor
 from pagedserve.engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
 from pagedserve.engine.models.quantized import RefinedHead, quantize_linear
 
@@ -126,13 +127,19 @@ def layer_sliding_window(config, layer_idx: int) -> int | None:
 
 
 class Attention(nn.Module):
+    """Under tensor parallelism: this rank's query and KV heads (column-parallel QKV), and
+    o_proj over their features (row-parallel), summed over the ranks."""
+
     def __init__(self, config, layer_idx: int, backend, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, tp: TensorParallel) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.tp = tp
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.num_heads = tp.split(total_heads, "num_attention_heads")
+        self.num_kv_heads = tp.kv_heads(total_kv_heads)[1]
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
@@ -155,29 +162,51 @@ class Attention(nn.Module):
         # Queries and keys rotate together: one set of elementwise ops instead of two.
         q, k = rope.apply(qk).split([self.num_heads, self.num_kv_heads], dim=1)
         out = attend(self.backend, q, k, v, kv_cache, md, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config) -> None:
+    """Under tensor parallelism: this rank's intermediate features, summed over the ranks."""
+
+    def __init__(self, config, tp: TensorParallel) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}; the Llama family uses 'silu'")
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tp = tp
+        self.intermediate_size = tp.split(config.intermediate_size, "intermediate_size")
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding, its vocabulary divided among the ranks (TensorParallel.vocab_rows):
+    each looks up the ids it holds, zeros the others, and the all-reduce fills them in."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        first_row, rows = tp.vocab_rows(vocab_size)
+        super().__init__(rows, hidden_size)
+        self.first_row, self.tp = first_row, tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(input_ids)
+        local = input_ids - self.first_row
+        elsewhere = (local < 0) | (local >= self.num_embeddings)
+        x = super().forward(local.masked_fill(elsewhere, 0))
+        return self.tp.all_reduce(x.masked_fill_(elsewhere[:, None], 0))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, backend, qkv_bias, o_bias, qk_norm) -> None:
+    def __init__(self, config, layer_idx: int, backend, qkv_bias, o_bias, qk_norm,
+                 tp: TensorParallel) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, backend, qkv_bias, o_bias, qk_norm)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, backend, qkv_bias, o_bias, qk_norm, tp)
+        self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -205,18 +234,20 @@ class LlamaForCausalLM(nn.Module):
     o_bias_follows_config = True  # o_proj has a bias when config.attention_bias is set
     qk_norm = False
 
-    def __init__(self, config, backend, max_positions: int) -> None:
+    def __init__(self, config, backend, max_positions: int,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         head_dim = (getattr(config, "head_dim", None)
                     or config.hidden_size // config.num_attention_heads)
         self.rotary = RotaryEmbedding(config, head_dim, max_positions)
         attention_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = self.qkv_bias or attention_bias
         o_bias = self.o_bias_follows_config and attention_bias
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, backend, qkv_bias, o_bias, self.qk_norm)
+            DecoderLayer(config, i, backend, qkv_bias, o_bias, self.qk_norm, tp)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -226,7 +257,9 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            # This rank's rows of the vocabulary, as the embedding's.
+            self.lm_head = nn.Linear(config.hidden_size, self.embed_tokens.num_embeddings,
+                                     bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], md: AttentionMetadata | None) -> torch.Tensor:
@@ -249,11 +282,17 @@ class LlamaForCausalLM(nn.Module):
         self.rotary.kernel = rotary_embedding
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [rows, vocab_size]; under tensor parallelism every rank gets them all."""
         if self.refined_head is not None:
-            return self.refined_head(hidden)
-        if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        return packed_linear(hidden, self.embed_tokens.weight, self.packed_embedding).float()
+            logits = self.refined_head(hidden)
+        elif self.lm_head is not None:
+            logits = self.lm_head(hidden).float()
+        else:
+            logits = packed_linear(hidden, self.embed_tokens.weight,
+                                   self.packed_embedding).float()
+        if self.tp.size == 1:
+            return logits
+        return self.tp.all_gather(logits)[:, :self.config.vocab_size]
 
     def pack_for_cpu(self) -> None:
         """Pre-pack fp32 GEMM weights for MKL (see mkl_packed); a no-op elsewhere."""
@@ -299,6 +338,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding is the head
+            tensor = shard_checkpoint_tensor(name, tensor, self.tp, self.config)
             target, shard = name, None
             for ckpt_name, (fused, index) in _STACKED.items():
                 if f".{ckpt_name}." in name:
@@ -322,7 +362,7 @@ class LlamaForCausalLM(nn.Module):
         if "qkv_proj" in name:
             sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         else:
-            sizes = [self.config.intermediate_size] * 2
+            sizes = [self.layers[0].mlp.intermediate_size] * 2
         start = sum(sizes[:index])
         return param.data.narrow(0, start, sizes[index])
 

@@ -1,0 +1,258 @@
+"""Between the engine and the model: one ModelRunner in the engine's process (one device), or
+one per tensor-parallel rank, the others in worker processes.
+
+Under tensor parallelism the engine's process is rank 0: it schedules, and each call it makes
+on its runner is first broadcast to the workers (torch.distributed's broadcast_object_list:
+the method's name and its plain-data arguments, a SchedulerOutput for a step), which make the
+same call on theirs. The forward's collectives then keep the ranks in step; results (sampled
+tokens, logprobs) are rank 0's. Ranks meet through a TCPStore on loopback at a port the OS
+picks, which also carries a failing worker's error back to rank 0."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.distributed import TensorParallel, check_tensor_parallel
+from pagedserve.engine.model_runner import ModelRunner, resolve_device
+
+logger = logging.getLogger(__name__)
+
+# Idle workers wait for the next call inside a broadcast; its timeout must outlast any idle
+# spell. A dead peer is noticed at once (its sockets close), not by this timeout.
+_IDLE_TIMEOUT = timedelta(days=365)
+_JOIN_TIMEOUT_S = 120.0  # for the workers to start and meet rank 0
+_STOP_TIMEOUT_S = 10.0  # for a worker to exit when told, before it is killed
+
+
+class Executor:
+    """In-process: the engine's own runner, called directly (one device, no extra cost)."""
+
+    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int) -> None:
+        self.driver = ModelRunner(config, hf_config, model_dir, max_model_len)
+
+    @staticmethod
+    def create(config: EngineConfig, hf_config, model_dir, max_model_len: int) -> Executor:
+        if config.tensor_parallel_size == 1:
+            return Executor(config, hf_config, model_dir, max_model_len)
+        check_tensor_parallel(hf_config, config.tensor_parallel_size)
+        return MultiprocExecutor(config, hf_config, model_dir, max_model_len)
+
+    def run(self, method: str, *args):
+        """runner.method(*args) on every rank; returns rank 0's result."""
+        return getattr(self.driver, method)(*args)
+
+    def execute_model(self, so, grammar_bitmask=None):
+        """Launch a step (ModelRunner.execute_model); `grammar_bitmask` stays on rank 0."""
+        return self.driver.execute_model(so, grammar_bitmask)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the executor can no longer run steps (a worker died); None while it can."""
+        return None
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(failure)` (from another thread) when the executor fails."""
+
+    def shutdown(self) -> None:
+        pass
+
+
+class MultiprocExecutor(Executor):
+    """Rank 0 here, ranks 1..N-1 in spawned worker processes (torch.multiprocessing)."""
+
+    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int) -> None:
+        size = config.tensor_parallel_size
+        device = resolve_device(config)
+        if device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs; "
+                             f"{torch.cuda.device_count()} are visible")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        self._failure: str | None = None
+        self._callbacks: list[Callable[[str], None]] = []
+        self._stopping = threading.Event()  # set once the workers are being stopped
+        self._shut_down = False
+        store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
+                              timeout=_IDLE_TIMEOUT)
+        self._store = store
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.workers = [
+            ctx.Process(target=_worker_main, name=f"pagedserve-tp{rank}", daemon=True,
+                        args=(rank, size, store.port, backend, os.getpid(), config, hf_config,
+                              model_dir, max_model_len))
+            for rank in range(1, size)
+        ]
+        for worker in self.workers:
+            worker.start()
+        # Stopped however the engine goes (garbage-collected, interpreter exit): no orphans.
+        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self._stopping)
+        try:
+            self._wait_for_workers(size)
+            dist.init_process_group(backend, store=store, rank=0, world_size=size,
+                                    timeout=_IDLE_TIMEOUT)
+            # Calls travel as pickled objects, on the CPU: a gloo group beside NCCL's.
+            self._group = dist.new_group(backend="gloo") if backend == "nccl" else None
+            if device.type == "cpu":
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+            self.driver = ModelRunner(config, hf_config, model_dir, max_model_len,
+                                      TensorParallel(0, size))
+        except BaseException:
+            self.shutdown()
+            raise
+        self._monitor = threading.Thread(target=self._watch, name="pagedserve-tp-monitor",
+                                         daemon=True)
+        self._monitor.start()
+        logger.info("Tensor parallel: %d ranks over %s (workers %s)", size, backend,
+                    [w.pid for w in self.workers])
+
+    def _wait_for_workers(self, size: int) -> None:
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        while self._store.add("joined", 0) < size - 1:
+            self._raise_if_worker_died()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel workers did not start within "
+                                   f"{_JOIN_TIMEOUT_S:g} s")
+            time.sleep(0.02)
+
+    def _worker_error(self, rank: int) -> str:
+        key = f"error/{rank}"
+        if self._store.check([key]):
+            return self._store.get(key).decode(errors="replace")
+        return ""
+
+    def _raise_if_worker_died(self) -> None:
+        for rank, worker in enumerate(self.workers, start=1):
+            if worker.exitcode is not None:
+                error = self._worker_error(rank)
+                raise RuntimeError(f"tensor-parallel worker {rank} (pid {worker.pid}) exited "
+                                   f"with code {worker.exitcode}" + (f": {error}" if error else ""))
+
+    # ---- calls ----------------------------------------------------------------------
+    def run(self, method: str, *args):
+        return self._call(method, args, lambda: getattr(self.driver, method)(*args))
+
+    def execute_model(self, so, grammar_bitmask=None):
+        return self._call("execute_model", (so,),
+                          lambda: self.driver.execute_model(so, grammar_bitmask))
+
+    def _call(self, method: str, args: tuple, local: Callable):
+        """Broadcast the call, then make it here. A failure on any rank leaves the ranks out
+        of step, so the executor is done: every worker stops, and this call and every later
+        one raise."""
+        if self._failure is not None:
+            raise RuntimeError(f"the tensor-parallel executor failed: {self._failure}")
+        try:
+            dist.broadcast_object_list([(method, args)], src=0, group=self._group)
+            return local()
+        except BaseException as exc:
+            self._fail(self._death_reason() or f"{method} failed on rank 0: "
+                       f"{type(exc).__name__}: {exc}")
+            raise RuntimeError(f"the tensor-parallel executor failed: {self._failure}") from exc
+
+    # ---- failures -------------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        self._callbacks.append(callback)
+
+    def _death_reason(self) -> str | None:
+        try:
+            self._raise_if_worker_died()
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+
+    def _watch(self) -> None:
+        """Notice a worker that dies between steps, within a second."""
+        while not self._stopping.wait(0.25):
+            reason = self._death_reason()
+            if reason is not None:
+                self._fail(reason)
+                return
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is not None:
+            return
+        self._failure = reason
+        logger.error("tensor-parallel executor failed: %s", reason)
+        _stop_workers(self.workers, self._stopping, timeout=0)
+        for callback in self._callbacks:
+            callback(reason)
+
+    def shutdown(self) -> None:
+        """Stop every worker (told to, when they can hear it; killed otherwise)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        if not self._stopping.is_set() and dist.is_initialized():
+            try:
+                dist.broadcast_object_list([("shutdown", ())], src=0, group=self._group)
+            except Exception:  # a worker already gone: it is killed below
+                pass
+        self._finalizer()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _stop_workers(workers, stopping: threading.Event, timeout: float = _STOP_TIMEOUT_S) -> None:
+    stopping.set()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.join(max(deadline - time.monotonic(), 0))
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """A worker outlives no engine: when rank 0's process is gone (even SIGKILLed), exit."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _worker_main(rank: int, size: int, port: int, backend: str, parent_pid: int,
+                 config: EngineConfig, hf_config, model_dir, max_model_len: int) -> None:
+    """A worker: join the group, build this rank's runner, then make rank 0's calls until
+    told to shut down. An error is left in the store for rank 0 to report, and ends it."""
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s (tp rank {rank}) %(name)s: %(message)s")
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=_IDLE_TIMEOUT)
+    try:
+        if backend == "gloo":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        store.add("joined", 1)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size,
+                                timeout=_IDLE_TIMEOUT)
+        group = dist.new_group(backend="gloo") if backend == "nccl" else None
+        torch.manual_seed(config.seed)
+        runner = ModelRunner(config, hf_config, model_dir, max_model_len,
+                             TensorParallel(rank, size))
+        while True:
+            call = [None]
+            dist.broadcast_object_list(call, src=0, group=group)
+            method, args = call[0]
+            if method == "shutdown":
+                break
+            if method == "execute_model":
+                runner.collect(runner.execute_model(*args))  # its tokens feed the next step
+            else:
+                getattr(runner, method)(*args)
+        dist.destroy_process_group()
+    except BaseException:
+        store.set(f"error/{rank}", traceback.format_exc(limit=-3))
+        os._exit(1)  # no atexit handlers: they may wait on a group that is gone
