@@ -9,14 +9,15 @@
 # Parts: env, pytest (the kernel test suite on CUDA), kernels (long-context kernel checks),
 # parity (greedy tokens = HF on CUDA), attention (decode bandwidth), fused (fused-op
 # microbenchmark), e2e_qwen3, e2e_llama (offline throughput against HF transformers, async
-# scheduling on), e2e_qwen3_sync (the same without async scheduling).
+# scheduling on), e2e_qwen3_sync (the same without async scheduling), tp (tensor parallel
+# size 2 against 1 over NCCL; it reports itself skipped with fewer than 2 GPUs).
 # A failing part is recorded and the rest still run.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)  # per-part JSON files; $OUT gets only the four files above
-PARTS=${PARTS:-"env parity kernels attention e2e_qwen3 e2e_llama e2e_qwen3_sync fused pytest"}
+PARTS=${PARTS:-"env parity kernels attention e2e_qwen3 e2e_llama e2e_qwen3_sync fused tp pytest"}
 # pytest may be missing from the GPU image: benchmarks/device_check.sh's caller can carry a
 # `pip install --target .gpu_deps pytest pluggy iniconfig`.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,5 +58,6 @@ part e2e_llama 150 python benchmarks/gpu_throughput.py --config benchmarks/confi
 # The same Qwen3 workload with synchronous steps: what async scheduling hides.
 part e2e_qwen3_sync 90 python benchmarks/gpu_throughput.py --config benchmarks/configs/qwen3-0.6b.json --skip-hf --no-async-scheduling
 part fused 40 python benchmarks/gpu_checks.py fused
+part tp 120 python benchmarks/gpu_checks.py tp
 part pytest 150 python -m pytest -q -p no:cacheprovider tests/kernels
 cat "$OUT/status.txt"

@@ -72,11 +72,12 @@ class TensorParallel:
             dist.broadcast(x, src=0)
         return x
 
-    def min(self, value: int) -> int:
-        """The smallest of every rank's value (KV cache blocks: each rank's own budget)."""
+    def min(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's value (KV cache blocks: each rank's own budget);
+        `device`: where the group's backend takes tensors (a GPU for NCCL)."""
         if self.size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 

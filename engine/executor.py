@@ -79,9 +79,11 @@ class MultiprocExecutor(Executor):
                              f"{torch.cuda.device_count()} are visible")
         backend = "nccl" if device.type == "cuda" else "gloo"
         self._failure: str | None = None
+        self._fail_lock = threading.Lock()
         self._callbacks: list[Callable[[str], None]] = []
         self._stopping = threading.Event()  # set once the workers are being stopped
         self._shut_down = False
+        self._group = None  # the group calls travel in; None: the default group
         store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                               timeout=_IDLE_TIMEOUT)
         self._store = store
@@ -94,14 +96,19 @@ class MultiprocExecutor(Executor):
         ]
         for worker in self.workers:
             worker.start()
-        # Stopped however the engine goes (garbage-collected, interpreter exit): no orphans.
-        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self._stopping)
+        # Killed however the engine goes unshut (garbage-collected, interpreter exit): a
+        # worker waiting for its next call has nothing to finish. No orphans.
+        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self._stopping,
+                                           0.0)
         try:
             self._wait_for_workers(size)
+            if backend == "nccl":
+                torch.cuda.set_device(0)  # NCCL's collectives run on the current device
             dist.init_process_group(backend, store=store, rank=0, world_size=size,
                                     timeout=_IDLE_TIMEOUT)
             # Calls travel as pickled objects, on the CPU: a gloo group beside NCCL's.
-            self._group = dist.new_group(backend="gloo") if backend == "nccl" else None
+            if backend == "nccl":
+                self._group = dist.new_group(backend="gloo")
             if device.type == "cpu":
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
             self.driver = ModelRunner(config, hf_config, model_dir, max_model_len,
@@ -155,7 +162,7 @@ class MultiprocExecutor(Executor):
             dist.broadcast_object_list([(method, args)], src=0, group=self._group)
             return local()
         except BaseException as exc:
-            self._fail(self._death_reason() or f"{method} failed on rank 0: "
+            self._fail(self._death_reason(wait_s=2.0) or f"{method} failed on rank 0: "
                        f"{type(exc).__name__}: {exc}")
             raise RuntimeError(f"the tensor-parallel executor failed: {self._failure}") from exc
 
@@ -167,12 +174,18 @@ class MultiprocExecutor(Executor):
     def on_failure(self, callback: Callable[[str], None]) -> None:
         self._callbacks.append(callback)
 
-    def _death_reason(self) -> str | None:
-        try:
-            self._raise_if_worker_died()
-        except RuntimeError as exc:
-            return str(exc)
-        return None
+    def _death_reason(self, wait_s: float = 0.0) -> str | None:
+        """Which worker died, with its error; waits up to wait_s for one to be seen dead
+        (a collective fails as the peer's sockets close, a moment before it has exited)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._raise_if_worker_died()
+            except RuntimeError as exc:
+                return str(exc)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _watch(self) -> None:
         """Notice a worker that dies between steps, within a second."""
@@ -183,9 +196,10 @@ class MultiprocExecutor(Executor):
                 return
 
     def _fail(self, reason: str) -> None:
-        if self._failure is not None:
-            return
-        self._failure = reason
+        with self._fail_lock:  # the monitor and a failed call may both get here
+            if self._failure is not None:
+                return
+            self._failure = reason
         logger.error("tensor-parallel executor failed: %s", reason)
         _stop_workers(self.workers, self._stopping, timeout=0)
         for callback in self._callbacks:
@@ -201,7 +215,8 @@ class MultiprocExecutor(Executor):
                 dist.broadcast_object_list([("shutdown", ())], src=0, group=self._group)
             except Exception:  # a worker already gone: it is killed below
                 pass
-        self._finalizer()
+        self._finalizer.detach()
+        _stop_workers(self.workers, self._stopping)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -235,6 +250,8 @@ def _worker_main(rank: int, size: int, port: int, backend: str, parent_pid: int,
     try:
         if backend == "gloo":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        else:
+            torch.cuda.set_device(rank)
         store.add("joined", 1)
         dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                                 timeout=_IDLE_TIMEOUT)

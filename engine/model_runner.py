@@ -284,7 +284,7 @@ class ModelRunner:
         # so tiny models don't allocate millions of bookkeeping objects.
         blocks_per_seq = -(-self.max_model_len // self.block_size)
         # Every rank holds the same blocks (of its own heads): as many as the tightest fits.
-        return self.tp.min(int(min(num_blocks, 2 * blocks_per_seq * max_num_seqs)))
+        return self.tp.min(int(min(num_blocks, 2 * blocks_per_seq * max_num_seqs)), self.device)
 
     def dummy_prefill(self, num_tokens: int):
         """Inputs of a prefill-only step of num_tokens dummy tokens, as sequences of up to

@@ -80,6 +80,12 @@ def test_inductor_caches_under_the_user_cache_dir(monkeypatch, tmp_path):
     assert use_inductor_cache_dir() == str(tmp_path / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     assert use_inductor_cache_dir() == "/elsewhere"
+    # What importing torch._dynamo leaves there (inductor's /tmp default) is not a choice.
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    cache_dir()
+    assert use_inductor_cache_dir() == str(tmp_path / "inductor")
 
 
 def test_a_failed_compile_falls_back_to_eager(q4_1_gguf, monkeypatch):

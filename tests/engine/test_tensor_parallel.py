@@ -201,3 +201,28 @@ def test_the_embedded_model_split_over_three_ranks_gives_the_same_greedy_text():
         assert tp3.outputs[0].token_ids == tp1.outputs[0].token_ids
         assert _tokens_and_logprobs([tp3])[0][0][1] == pytest.approx(
             _tokens_and_logprobs([tp1])[0][0][1], abs=LOGPROB_ATOL)
+
+
+def test_a_checkpoint_that_fails_to_load_raises_and_leaves_no_worker(tmp_path):
+    import json
+
+    path = build_tiny_model(tmp_path / "broken", "llama")
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 256  # the weights are 128 wide: every rank's load fails
+    (path / "config.json").write_text(json.dumps(config))
+    children_before = set(_children())
+    with pytest.raises(ValueError, match="checkpoint shape"):
+        LLM(model=str(path), skip_tokenizer_init=True, tensor_parallel_size=2)
+    deadline = time.monotonic() + 10
+    while set(_children()) - children_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(_children()) - children_before, "a worker outlived the failed start"
+
+
+def _children() -> list[int]:
+    """This process's live child pids (Linux)."""
+    pids = []
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    return [p for p in pids if _alive(p)]

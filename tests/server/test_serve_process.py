@@ -32,7 +32,9 @@ def test_serve_starts_and_stops_on_sigterm():
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pagedserve.server.cli", "serve", "--port", str(port),
-         "--no-embedding-model", "--kv-cache-memory", str(128 << 20), "--shutdown-timeout", "2"],
+         "--no-embedding-model", "--kv-cache-memory", str(128 << 20), "--shutdown-timeout", "2",
+         # Shutdown is the subject, not the compiled forward (minutes to compile cold).
+         "--enforce-eager"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     base = f"http://127.0.0.1:{port}"
