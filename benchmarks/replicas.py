@@ -10,8 +10,10 @@ loopback: what clients see when a replica dies, and when replicas restart one at
    nginx's 502 JSON), hung (none may: every client has a timeout), and how long the
    survivor took to absorb the load (from the kill to the last completion).
 2. Rolling restart: the same load while each replica in turn is sent SIGTERM (it stops
-   accepting, finishes what it has: --shutdown-timeout), restarted, and waited for on
-   /health. Every request must complete.
+   accepting, finishes what it has: --shutdown-timeout), restarted, waited for on /health,
+   and then until nginx has sent it a request that finished (nginx gives a recovering
+   server one request per fail_timeout until one succeeds: restarting the next sooner can
+   leave no live replica). Every request must complete.
 
 Needs nginx on PATH (Debian: apt-get install nginx-light). Writes
 benchmarks/results/replicas_<tag>.json and .md."""
@@ -80,6 +82,26 @@ class Replica:
                 pass
             time.sleep(0.25)
         raise SystemExit(f"replica {self.name} not healthy after {timeout_s:.0f} s")
+
+    def requests_finished(self) -> float:
+        """Requests this process has finished (its /metrics), 0 when it can't say."""
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
+        except httpx.HTTPError:
+            return 0.0
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("pagedserve_request_success_total"))
+
+    def wait_in_rotation(self, timeout_s: float = 300.0) -> float:
+        """Wait until the balancer sends this replica work again and one request finishes:
+        nginx lets a recovering server take one request per fail_timeout until one
+        succeeds, so one restarted sooner could leave it no live replica."""
+        started = time.monotonic()
+        while self.requests_finished() < 1:
+            if time.monotonic() - started > timeout_s:
+                raise SystemExit(f"replica {self.name} got no traffic back in {timeout_s:.0f} s")
+            time.sleep(0.25)
+        return time.monotonic() - started
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -170,15 +192,21 @@ async def one_request(client: httpx.AsyncClient, base: str, i: int, max_tokens: 
 
 
 async def load(base: str, concurrency: int, max_tokens: int, until) -> list[Outcome]:
-    """`concurrency` clients, each sending one request after another while until(count of
-    finished requests) is False."""
+    """`concurrency` clients, each sending one request after another while until(requests
+    sent so far, requests finished) is False; after a failure a client waits half a second
+    before its next request, as the OpenAI SDK's retries do."""
     outcomes: list[Outcome] = []
     counter = iter(range(10**9))
+    sent = [0]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S, limits=limits) as client:
         async def worker():
-            while not until(len(outcomes)):
-                outcomes.append(await one_request(client, base, next(counter), max_tokens))
+            while not until(sent[0], len(outcomes)):
+                sent[0] += 1
+                outcome = await one_request(client, base, next(counter), max_tokens)
+                outcomes.append(outcome)
+                if not outcome.ok:
+                    await asyncio.sleep(0.5)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return outcomes
@@ -196,7 +224,7 @@ def summarize(outcomes: list[Outcome], retried: int, t0: float) -> dict:
     errors: dict[str, int] = {}
     for o in outcomes:
         if not o.ok:
-            key = re.sub(r"\d+\.\d+|\d{3,}", "N", o.error)[:120]
+            key = re.sub(r"\d+\.\d+|\d{4,}", "N", o.error)[:120]  # times, ports
             errors[key] = errors.get(key, 0) + 1
     return {
         "requests": len(outcomes),
@@ -218,11 +246,11 @@ async def kill_scenario(base: str, replicas: list[Replica], args, access_log: Pa
     total = args.num_requests
     killed_at: list[float] = []
 
-    def until(done: int) -> bool:
+    def until(sent: int, done: int) -> bool:
         if not killed_at and done >= total // 4:
             victim.signal(signal.SIGKILL)
             killed_at.append(time.monotonic())
-        return done >= total
+        return sent >= total
 
     t0 = time.monotonic()
     outcomes = await load(base, args.concurrency, args.max_tokens, until)
@@ -254,14 +282,17 @@ async def rolling_restart(base: str, replicas: list[Replica], args, access_log: 
             drained = time.monotonic() - t
             replica.start()
             ready = await asyncio.to_thread(replica.wait_healthy)
+            # As a Deployment's minReadySeconds: the next goes once this one serves again.
+            back = await asyncio.to_thread(replica.wait_in_rotation)
             restarts.append({"replica": replica.name, "exit_code": code,
-                             "drain_s": round(drained, 2), "restart_s": round(ready, 2)})
+                             "drain_s": round(drained, 2), "restart_s": round(ready, 2),
+                             "back_in_rotation_s": round(back, 2)})
         cycle_done.set()
 
     t0 = time.monotonic()
     task = asyncio.ensure_future(cycle())
     outcomes = await load(base, args.concurrency, args.max_tokens,
-                          lambda done: cycle_done.is_set() and done >= args.num_requests)
+                          lambda sent, done: cycle_done.is_set() and sent >= args.num_requests)
     await task
     result = summarize(outcomes, retried_requests(access_log, log_start)[0], t0)
     result["restarts"] = restarts
@@ -296,7 +327,8 @@ def write_results(tag: str, result: dict) -> Path:
             lines.append("")
     lines.append("Restarts: " + "; ".join(
         f"{r['replica']} exit {r['exit_code']}, drained in {r['drain_s']} s, healthy again "
-        f"{r['restart_s']} s after its start" for r in roll["restarts"]))
+        f"{r['restart_s']} s after its start, serving through nginx "
+        f"{r['back_in_rotation_s']} s later" for r in roll["restarts"]))
     md = RESULTS_DIR / f"replicas_{tag}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
@@ -333,7 +365,6 @@ def main(argv: list[str] | None = None) -> None:
         replicas[0].wait_exit()
         replicas[0].start()
         replicas[0].wait_healthy()
-        time.sleep(6)  # nginx's fail_timeout: the restarted replica gets traffic again
         roll = asyncio.run(rolling_restart(base, replicas, args, access_log))
         print(json.dumps(roll, indent=2))
     finally:

@@ -220,9 +220,18 @@ def test_a_checkpoint_that_fails_to_load_raises_and_leaves_no_worker(tmp_path):
 
 
 def _children() -> list[int]:
-    """This process's live child pids (Linux)."""
+    """This process's live spawned children (Linux), multiprocessing's resource tracker
+    left out: it lives as long as this process."""
     pids = []
     for task in os.listdir(f"/proc/{os.getpid()}/task"):
         with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
             pids += [int(p) for p in f.read().split()]
-    return [p for p in pids if _alive(p)]
+    spawned = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    spawned.append(pid)
+        except FileNotFoundError:
+            pass
+    return spawned
