@@ -25,9 +25,9 @@ class EngineConfig:
     # quantization, an HF checkpoint as it is; none: dense weights in `dtype` (a GGUF
     # dequantized); int4/int8: quantize at load.
     quantization: str = "auto"
-    # Keep a dense bf16 copy of quantized weights for products of many rows (prefill, big
-    # decode batches), where it is several times faster than the packed kernels. None:
-    # when the copy takes at most 1/8 of the machine's memory.
+    # Keep a dense copy of quantized weights (bf16 with AVX512-BF16, else fp32) for products
+    # of many rows (prefill, big decode batches), where it is several times faster than the
+    # packed kernels. None: when the copy takes at most 1/8 of the machine's memory.
     quantized_dense_copy: bool | None = None
     # The KV cache's dtype; auto: the activations' (dtype). A bf16 cache beside fp32
     # activations halves the cache's memory and the attention's reads (CPU only).

@@ -246,16 +246,18 @@ class ModelRunner:
         config, scheme_of = self.config, self.quantization_plan
         if scheme_of is None:
             return False
+        # The copies' GEMMs in bf16 where the CPU has it; emulated bf16 is slower than fp32.
+        dense_dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
         dense_copy = config.quantized_dense_copy
         if dense_copy is None:
             params = sum(p.numel() for p in model.parameters())
-            dense_copy = 2 * params <= _physical_memory() // 8
-        count = model.quantize(scheme_of, dense_copy)
+            dense_copy = params * dense_dtype.itemsize <= _physical_memory() // 8
+        count = model.quantize(scheme_of, dense_copy, dense_dtype)
         cast_unquantized(model, self.dtype)
         logger.info("Quantized %d layers (%s%s): %.1f MiB of quantized weights", count,
                     config.quantization if config.quantization != "auto" else "the file's own",
-                    ", with dense bf16 copies for large batches" if dense_copy else "",
-                    quantized_bytes(model) / 2**20)
+                    f", with dense {str(dense_dtype).removeprefix('torch.')} copies for large "
+                    "batches" if dense_copy else "", quantized_bytes(model) / 2**20)
         return count > 0
 
     # ---- KV cache -------------------------------------------------------------------

@@ -34,7 +34,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "weights in --dtype, a GGUF dequantized. int4/int8: quantize "
                              "at load)")
     parser.add_argument("--quantized-dense-copy", default="auto", choices=["auto", "on", "off"],
-                        help="keep a bf16 copy of quantized weights for prefill and big "
+                        help="keep a dense copy (bf16, or fp32 without AVX512-BF16) of "
+                             "quantized weights for prefill and big "
                              "batches, several times faster there (auto: when it takes at "
                              "most 1/8 of the machine's memory)")
     parser.add_argument("--max-model-len", type=int, default=None,

@@ -299,7 +299,8 @@ class LlamaForCausalLM(nn.Module):
         if pack_linears(self) and self.lm_head is None and self.refined_head is None:
             self.packed_embedding = pack_weight(self.embed_tokens.weight)
 
-    def quantize(self, scheme_of: SchemeOf, dense_copy: bool) -> int:
+    def quantize(self, scheme_of: SchemeOf, dense_copy: bool,
+                 dense_dtype: torch.dtype = torch.bfloat16) -> int:
         """Swap linear layers for weight-only quantized ones where scheme_of names a scheme;
         returns how many were swapped. The embedding stays dense, and the head computes
         on an int8 copy with its best candidates refined from the dense weight
@@ -320,11 +321,12 @@ class LlamaForCausalLM(nn.Module):
                     swaps.append((parent, name, child, choice))
         for parent, name, child, (scheme, recovery) in swaps:
             setattr(parent, name, quantize_linear(child.weight, child.bias, scheme, recovery,
-                                                  dense_copy))
+                                                  dense_copy, dense_dtype))
         if swaps:
             head = self.embed_tokens if self.lm_head is None else self.lm_head
             if getattr(head, "bias", None) is None:
-                self.refined_head = RefinedHead(head.weight.detach().float(), dense_copy)
+                self.refined_head = RefinedHead(head.weight.detach().float(), dense_copy,
+                                                dense_dtype=dense_dtype)
         return len(swaps)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

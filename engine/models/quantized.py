@@ -8,8 +8,8 @@ int8: one scale per output row, `w = q * scale` with q in -127..127
 
 The kernels compute in bf16 (their fp32 paths are reference loops, 20x slower), and they are
 fast for few rows only: they dequantize per row, so their cost grows with the batch. Beyond
-`PACKED_MAX_ROWS` rows (prefill, big decode batches) a dense bf16 copy of the dequantized
-weight, when kept, is several times faster (AVX512-BF16 GEMMs).
+`PACKED_MAX_ROWS` rows (prefill, big decode batches) a dense copy of the dequantized
+weight, when kept, is several times faster: bf16 with AVX512-BF16, fp32 without it.
 """
 
 from __future__ import annotations
@@ -113,11 +113,13 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
 
 class QuantizedLinear(nn.Module):
     """A linear layer y = x W^T + b over a weight-only quantized W; any activation dtype in,
-    the same dtype out. `dense` keeps a bf16 copy of the dequantized weight for products of
-    more than PACKED_MAX_ROWS rows (False: the packed kernel at every size)."""
+    the same dtype out. `dense` keeps a copy of the dequantized weight in `dense_dtype` for
+    products of more than PACKED_MAX_ROWS rows (False: the packed kernel at every size):
+    bf16 where the CPU computes it natively (AVX512-BF16), fp32 elsewhere, where a bf16
+    GEMM is emulated and 4-6x slower than fp32 (AVX2)."""
 
     def __init__(self, weight: Int4Weight | Int8Weight, bias: torch.Tensor | None,
-                 dense: bool) -> None:
+                 dense: bool, dense_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         n, k = weight.codes.shape
         self.in_features, self.out_features = k, n
@@ -142,18 +144,19 @@ class QuantizedLinear(nn.Module):
                 kernel_view = Int4Weight(weight.codes, _bf16(weight.scales), _bf16(weight.zeros))
             else:
                 kernel_view = Int8Weight(weight.codes, _bf16(weight.scales))
-            self.dense = kernel_view.dequantize().to(torch.bfloat16)
+            self.dense = kernel_view.dequantize().to(dense_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, shape[-1])
         if self.dense is not None and x2.shape[0] > PACKED_MAX_ROWS:
-            out = F.linear(x2, self.dense)
+            out = F.linear(x2.to(self.dense.dtype), self.dense)
         elif self.scheme == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.packed, INT4_GROUP, self.scales_zeros)
+                x2.to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_zeros)
         else:
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales_zeros)
+            out = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.packed,
+                                                     self.scales_zeros)
         out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
@@ -176,12 +179,14 @@ class RefinedHead(nn.Module):
     refinement included). Without `dense`, big batches get the exact fp32 product (MKL,
     pre-packed) and no refinement."""
 
-    def __init__(self, weight: torch.Tensor, dense: bool = True, refine: int = 64) -> None:
+    def __init__(self, weight: torch.Tensor, dense: bool = True, refine: int = 64,
+                 dense_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.weight = weight  # [V, K] float32, shared (a tied head's is the embedding's)
         self.refine = min(refine, weight.shape[0])
         self.fast = QuantizedLinear(quantize_int8(weight), None, dense=False)
-        self.dense = weight.to(torch.bfloat16) if dense else None
+        # An fp32 "copy" is the weight itself.
+        self.dense = weight.to(dense_dtype) if dense else None
         self.packed = (pack_weight(weight) if self.dense is None and mkl_packing_available()
                        else None)
 
@@ -190,7 +195,7 @@ class RefinedHead(nn.Module):
         if hidden.shape[0] <= PACKED_MAX_ROWS:
             logits = self.fast(hidden).float()
         elif self.dense is not None:
-            logits = F.linear(hidden.to(torch.bfloat16), self.dense).float()
+            logits = F.linear(hidden.to(self.dense.dtype), self.dense).float()
         else:
             return packed_linear(hidden, self.weight, self.packed)
         best = logits.topk(self.refine, dim=-1, sorted=False).indices  # [rows, refine]
@@ -203,15 +208,17 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,
-                    recovery: str | None = None, dense: bool = True) -> QuantizedLinear:
+                    recovery: str | None = None, dense: bool = True,
+                    dense_dtype: torch.dtype = torch.bfloat16) -> QuantizedLinear:
     n, k = weight.shape
     if scheme == "int4" and (k % INT4_GROUP or n % 16):
         logger.debug("a [%d, %d] weight does not fit int4's groups: int8 instead", n, k)
         scheme = "int8"
     if scheme == "int4":
-        return QuantizedLinear(quantize_int4(weight, recovery or "asym"), bias, dense)
+        return QuantizedLinear(quantize_int4(weight, recovery or "asym"), bias, dense,
+                               dense_dtype)
     if scheme == "int8":
-        return QuantizedLinear(quantize_int8(weight), bias, dense)
+        return QuantizedLinear(quantize_int8(weight), bias, dense, dense_dtype)
     raise ValueError(f"quantization scheme must be one of {SCHEMES}, got {scheme!r}")
 
 

@@ -93,6 +93,22 @@ def test_the_dense_copy_carries_the_kernels_weight():
     assert torch.equal(layer.dense, kernel_view.dequantize().bfloat16())
 
 
+def test_without_native_bf16_the_dense_copy_is_fp32():
+    """A CPU without AVX512-BF16 emulates bf16 GEMMs (4-6x slower than fp32 on AVX2): the
+    copy for many rows is the kernels' weight in fp32, and the head's is its weight."""
+    gen = torch.Generator().manual_seed(5)
+    weight, x = torch.randn(32, 64, generator=gen), torch.randn(PACKED_MAX_ROWS + 1, 64,
+                                                                 generator=gen)
+    layer = quantize_linear(weight, None, "int4", dense=True, dense_dtype=torch.float32)
+    w = quantize_int4(weight)
+    kernel_view = Int4Weight(w.codes, w.scales.bfloat16().float(), w.zeros.bfloat16().float())
+    assert layer.dense.dtype == torch.float32
+    assert torch.equal(layer.dense, kernel_view.dequantize())
+    torch.testing.assert_close(layer(x), x @ kernel_view.dequantize().t())  # fp32 all through
+    head = RefinedHead(weight, dense=True, dense_dtype=torch.float32)
+    assert head.dense is head.weight
+
+
 def test_plan_serves_a_gguf_in_its_own_scheme():
     types = {
         "model.layers.0.self_attn.q_proj.weight": "Q4_1",
