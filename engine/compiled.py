@@ -28,10 +28,13 @@ def use_inductor_cache_dir() -> str:
     """Inductor's on-disk cache under ours ($TORCHINDUCTOR_CACHE_DIR wins), instead of a /tmp
     folder that a reboot empties. Importing torch._dynamo (transformers does) writes
     inductor's /tmp default into the variable: that value counts as unset."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # an older torch: nothing writes the variable for it
+        default_cache_dir = None
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+    if current is None or (default_cache_dir is not None and os.path.abspath(current)
+                           == os.path.abspath(default_cache_dir())):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = str(pagedserve_cache_dir() / "inductor")
     return current
 

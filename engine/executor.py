@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -210,7 +211,9 @@ class MultiprocExecutor(Executor):
         if self._shut_down:
             return
         self._shut_down = True
-        if not self._stopping.is_set() and dist.is_initialized():
+        stopped_already = self._stopping.is_set()
+        self._stopping.set()  # first: the monitor must not take the exits for deaths
+        if not stopped_already and dist.is_initialized():
             try:
                 dist.broadcast_object_list([("shutdown", ())], src=0, group=self._group)
             except Exception:  # a worker already gone: it is killed below
@@ -245,6 +248,10 @@ def _worker_main(rank: int, size: int, port: int, backend: str, parent_pid: int,
     told to shut down. An error is left in the store for rank 0 to report, and ends it."""
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s %(levelname)s (tp rank {rank}) %(name)s: %(message)s")
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server
+    # drains on them, and its workers must live until it tells them to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=_IDLE_TIMEOUT)
     try:

@@ -185,8 +185,8 @@ class RefinedHead(nn.Module):
         self.weight = weight  # [V, K] float32, shared (a tied head's is the embedding's)
         self.refine = min(refine, weight.shape[0])
         self.fast = QuantizedLinear(quantize_int8(weight), None, dense=False)
-        # An fp32 "copy" is the weight itself.
-        self.dense = weight.to(dense_dtype) if dense else None
+        # Without native bf16 (dense_dtype fp32) big batches take the exact fp32 product.
+        self.dense = weight.to(dense_dtype) if dense and dense_dtype != torch.float32 else None
         self.packed = (pack_weight(weight) if self.dense is None and mkl_packing_available()
                        else None)
 
