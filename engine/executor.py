@@ -111,7 +111,7 @@ class MultiprocExecutor(Executor):
             if backend == "nccl":
                 self._group = dist.new_group(backend="gloo")
             if device.type == "cpu":
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+                torch.set_num_threads(_threads_per_rank(size))
             self.driver = ModelRunner(config, hf_config, model_dir, max_model_len,
                                       TensorParallel(0, size))
         except BaseException:
@@ -126,7 +126,8 @@ class MultiprocExecutor(Executor):
     def _wait_for_workers(self, size: int) -> None:
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
         while self._store.add("joined", 0) < size - 1:
-            self._raise_if_worker_died()
+            if (reason := self._dead_worker()) is not None:
+                raise RuntimeError(reason)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tensor-parallel workers did not start within "
                                    f"{_JOIN_TIMEOUT_S:g} s")
@@ -138,12 +139,14 @@ class MultiprocExecutor(Executor):
             return self._store.get(key).decode(errors="replace")
         return ""
 
-    def _raise_if_worker_died(self) -> None:
+    def _dead_worker(self) -> str | None:
+        """Which worker has exited, with its error; None while all run."""
         for rank, worker in enumerate(self.workers, start=1):
             if worker.exitcode is not None:
                 error = self._worker_error(rank)
-                raise RuntimeError(f"tensor-parallel worker {rank} (pid {worker.pid}) exited "
-                                   f"with code {worker.exitcode}" + (f": {error}" if error else ""))
+                return (f"tensor-parallel worker {rank} (pid {worker.pid}) exited with code "
+                        f"{worker.exitcode}" + (f": {error}" if error else ""))
+        return None
 
     # ---- calls ----------------------------------------------------------------------
     def run(self, method: str, *args):
@@ -179,14 +182,9 @@ class MultiprocExecutor(Executor):
         """Which worker died, with its error; waits up to wait_s for one to be seen dead
         (a collective fails as the peer's sockets close, a moment before it has exited)."""
         deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                self._raise_if_worker_died()
-            except RuntimeError as exc:
-                return str(exc)
-            if time.monotonic() >= deadline:
-                return None
+        while (reason := self._dead_worker()) is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        return reason
 
     def _watch(self) -> None:
         """Notice a worker that dies between steps, within a second."""
@@ -234,6 +232,11 @@ def _stop_workers(workers, stopping: threading.Event, timeout: float = _STOP_TIM
             worker.join()
 
 
+def _threads_per_rank(size: int) -> int:
+    """CPU ranks share the machine's cores."""
+    return max(1, (os.cpu_count() or 1) // size)
+
+
 def _watch_parent(parent_pid: int) -> None:
     """A worker outlives no engine: when rank 0's process is gone (even SIGKILLed), exit."""
     while True:
@@ -256,7 +259,7 @@ def _worker_main(rank: int, size: int, port: int, backend: str, parent_pid: int,
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=_IDLE_TIMEOUT)
     try:
         if backend == "gloo":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+            torch.set_num_threads(_threads_per_rank(size))
         else:
             torch.cuda.set_device(rank)
         store.add("joined", 1)
