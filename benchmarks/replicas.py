@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve-args", default="", help="more `pagedserve serve` arguments")
     p.add_argument("--tag", default="cpu_smollm2")
     args = p.parse_args(argv)
+    if args.num_requests < 2 * args.concurrency:
+        # The kill comes after a quarter of the requests finish: some must be left to send.
+        p.error("--num-requests must be at least twice --concurrency")
     if shutil.which("nginx") is None:
         raise SystemExit("nginx is not on PATH (Debian: apt-get install nginx-light)")
     workdir = Path(tempfile.mkdtemp(prefix="pagedserve-replicas-"))

@@ -41,7 +41,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None  # force the KV cache size in blocks (any device)
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory: int | None = None  # CPU KV cache budget in bytes; default 2 GiB
+    kv_cache_memory: int | None = None  # CPU KV cache bytes, all TP ranks together; default 4 GiB
     seed: int = 0
     # No CUDA graphs for decode steps (GPU), no torch.compile'd forward (CPU, quantized model).
     enforce_eager: bool = False

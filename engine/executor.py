@@ -29,10 +29,13 @@ from pagedserve.engine.model_runner import ModelRunner, resolve_device
 
 logger = logging.getLogger(__name__)
 
-# Idle workers wait for the next call inside a broadcast; its timeout must outlast any idle
-# spell. A dead peer is noticed at once (its sockets close), not by this timeout.
+# Idle workers wait for the next call inside a broadcast over gloo; its timeout must outlast
+# any idle spell. A dead peer is noticed at once (its sockets close), not by this timeout.
 _IDLE_TIMEOUT = timedelta(days=365)
-_JOIN_TIMEOUT_S = 120.0  # for the workers to start and meet rank 0
+# NCCL's collectives (inside a step) keep torch's default: a peer lost mid-step is caught by
+# the monitor, which aborts the communicator; failing that, the watchdog ends it here.
+_NCCL_TIMEOUT = timedelta(minutes=10)
+_JOIN_TIMEOUT_S = 120.0  # for the workers to start and meet rank 0 (and each other)
 _STOP_TIMEOUT_S = 10.0  # for a worker to exit when told, before it is killed
 
 
@@ -85,40 +88,40 @@ class MultiprocExecutor(Executor):
         self._stopping = threading.Event()  # set once the workers are being stopped
         self._shut_down = False
         self._group = None  # the group calls travel in; None: the default group
+        self._backend = backend
         store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                               timeout=_IDLE_TIMEOUT)
         self._store = store
+        # CPU ranks share the threads this one was given (the server's, or torch's default).
+        threads = max(1, torch.get_num_threads() // size)
         ctx = torch.multiprocessing.get_context("spawn")
         self.workers = [
             ctx.Process(target=_worker_main, name=f"pagedserve-tp{rank}", daemon=True,
-                        args=(rank, size, store.port, backend, os.getpid(), config, hf_config,
-                              model_dir, max_model_len))
+                        args=(rank, size, store.port, backend, os.getpid(), threads, config,
+                              hf_config, model_dir, max_model_len))
             for rank in range(1, size)
         ]
         for worker in self.workers:
             worker.start()
         # Killed however the engine goes unshut (garbage-collected, interpreter exit): a
-        # worker waiting for its next call has nothing to finish. No orphans.
-        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self._stopping,
-                                           0.0)
+        # worker waiting for its next call has nothing to finish. No orphans; and the group
+        # goes too, so the process can start another engine.
+        self._finalizer = weakref.finalize(self, _release, self.workers, self._stopping)
         try:
             self._wait_for_workers(size)
             if backend == "nccl":
                 torch.cuda.set_device(0)  # NCCL's collectives run on the current device
-            dist.init_process_group(backend, store=store, rank=0, world_size=size,
-                                    timeout=_IDLE_TIMEOUT)
-            # Calls travel as pickled objects, on the CPU: a gloo group beside NCCL's.
-            if backend == "nccl":
-                self._group = dist.new_group(backend="gloo")
+            self._group = _join_group(backend, store, 0, size)
             if device.type == "cpu":
-                torch.set_num_threads(_threads_per_rank(size))
+                torch.set_num_threads(threads)
             self.driver = ModelRunner(config, hf_config, model_dir, max_model_len,
                                       TensorParallel(0, size))
         except BaseException:
             self.shutdown()
             raise
-        self._monitor = threading.Thread(target=self._watch, name="pagedserve-tp-monitor",
-                                         daemon=True)
+        # It holds the executor weakly: an engine dropped unshut is still collected.
+        self._monitor = threading.Thread(target=_watch, args=(weakref.ref(self), self._stopping),
+                                         name="pagedserve-tp-monitor", daemon=True)
         self._monitor.start()
         logger.info("Tensor parallel: %d ranks over %s (workers %s)", size, backend,
                     [w.pid for w in self.workers])
@@ -186,14 +189,6 @@ class MultiprocExecutor(Executor):
             time.sleep(0.05)
         return reason
 
-    def _watch(self) -> None:
-        """Notice a worker that dies between steps, within a second."""
-        while not self._stopping.wait(0.25):
-            reason = self._death_reason()
-            if reason is not None:
-                self._fail(reason)
-                return
-
     def _fail(self, reason: str) -> None:
         with self._fail_lock:  # the monitor and a failed call may both get here
             if self._failure is not None:
@@ -201,6 +196,15 @@ class MultiprocExecutor(Executor):
             self._failure = reason
         logger.error("tensor-parallel executor failed: %s", reason)
         _stop_workers(self.workers, self._stopping, timeout=0)
+        if self._backend == "nccl":
+            # A collective waiting on the lost peer spins on the GPU for ever; aborting the
+            # communicator ends it (and, with the default async error handling, maybe this
+            # process: better than a hang).
+            try:
+                dist.distributed_c10d._get_default_group()._get_backend(
+                    torch.device("cuda")).abort()
+            except Exception:
+                logger.exception("could not abort the NCCL communicator")
         for callback in self._callbacks:
             callback(reason)
 
@@ -218,8 +222,47 @@ class MultiprocExecutor(Executor):
                 pass
         self._finalizer.detach()
         _stop_workers(self.workers, self._stopping)
-        if dist.is_initialized():
+        _destroy_group()
+
+
+def _watch(executor_ref: weakref.ref, stopping: threading.Event) -> None:
+    """The monitor: notice a worker that dies between steps, within a second."""
+    while not stopping.wait(0.25):
+        executor = executor_ref()
+        if executor is None:
+            return
+        if (reason := executor._death_reason()) is not None:
+            executor._fail(reason)
+            return
+        del executor
+
+
+def _join_group(backend: str, store, rank: int, size: int):
+    """init_process_group, bounded by the join timeout (a rank that dies before it meets the
+    others is an error, not a hang), then the timeouts of use. Returns the group the calls
+    travel in (None: the default group)."""
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=_JOIN_TIMEOUT_S))
+    if backend == "nccl":
+        dist.distributed_c10d._set_pg_timeout(_NCCL_TIMEOUT)
+        # Calls travel as pickled objects, on the CPU: a gloo group beside NCCL's.
+        return dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+    dist.distributed_c10d._set_pg_timeout(_IDLE_TIMEOUT)
+    return None
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        try:
             dist.destroy_process_group()
+        except Exception:  # an aborted NCCL communicator
+            logger.exception("could not destroy the process group")
+
+
+def _release(workers, stopping: threading.Event) -> None:
+    """The finalizer of an engine that was never shut down."""
+    _stop_workers(workers, stopping, timeout=0)
+    _destroy_group()
 
 
 def _stop_workers(workers, stopping: threading.Event, timeout: float = _STOP_TIMEOUT_S) -> None:
@@ -232,11 +275,6 @@ def _stop_workers(workers, stopping: threading.Event, timeout: float = _STOP_TIM
             worker.join()
 
 
-def _threads_per_rank(size: int) -> int:
-    """CPU ranks share the machine's cores."""
-    return max(1, (os.cpu_count() or 1) // size)
-
-
 def _watch_parent(parent_pid: int) -> None:
     """A worker outlives no engine: when rank 0's process is gone (even SIGKILLed), exit."""
     while True:
@@ -245,7 +283,7 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _worker_main(rank: int, size: int, port: int, backend: str, parent_pid: int,
+def _worker_main(rank: int, size: int, port: int, backend: str, parent_pid: int, threads: int,
                  config: EngineConfig, hf_config, model_dir, max_model_len: int) -> None:
     """A worker: join the group, build this rank's runner, then make rank 0's calls until
     told to shut down. An error is left in the store for rank 0 to report, and ends it."""
@@ -259,13 +297,11 @@ def _worker_main(rank: int, size: int, port: int, backend: str, parent_pid: int,
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=_IDLE_TIMEOUT)
     try:
         if backend == "gloo":
-            torch.set_num_threads(_threads_per_rank(size))
+            torch.set_num_threads(threads)
         else:
             torch.cuda.set_device(rank)
         store.add("joined", 1)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=size,
-                                timeout=_IDLE_TIMEOUT)
-        group = dist.new_group(backend="gloo") if backend == "nccl" else None
+        group = _join_group(backend, store, rank, size)
         torch.manual_seed(config.seed)
         runner = ModelRunner(config, hf_config, model_dir, max_model_len,
                              TensorParallel(rank, size))

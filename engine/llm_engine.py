@@ -369,7 +369,10 @@ class LLMEngine:
         if self._runner_thread is not None:
             self._runner_thread.submit(lambda: None).result()  # let queued steps end first
         self._in_flight = None
-        self.model_runner.reset_requests()
+        if self.executor.failure is None:
+            self.executor.run("reset_requests")  # every rank's persistent batch
+        else:  # no step runs again; rank 0's rows go all the same
+            self.model_runner.reset_requests()
         for parent in list(self._parents.values()):
             for child in parent.children:
                 child.error = child.error or f"the engine step failed: {type(exc).__name__}: {exc}"
@@ -587,6 +590,9 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (a no-op without them). The engine is done."""
+        if self._runner_thread is not None:
+            # A step still in flight (async scheduling) ends before its workers are told to.
+            self._runner_thread.shutdown(wait=True)
         self.executor.shutdown()
 
     # ---- introspection --------------------------------------------------------------

@@ -280,7 +280,8 @@ class ModelRunner:
                         "activations -> %.1f GiB for the KV cache", total / 2**30,
                         used / 2**30, activations / 2**30, max(budget, 0) / 2**30)
         else:
-            budget = self.config.kv_cache_memory or _DEFAULT_CPU_KV_CACHE_BYTES
+            # CPU ranks share the machine's memory: each takes its share of the budget.
+            budget = (self.config.kv_cache_memory or _DEFAULT_CPU_KV_CACHE_BYTES) // self.tp.size
         num_blocks = max(budget // self.block_bytes(), 1)
         # Beyond every sequence at full length, blocks only feed the prefix cache; cap there
         # so tiny models don't allocate millions of bookkeeping objects.

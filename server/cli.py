@@ -47,7 +47,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "(default: 512 on CPU, 2048 on GPU)")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
     parser.add_argument("--kv-cache-memory", type=int, default=None,
-                        help="CPU KV cache budget in bytes (default 4 GiB)")
+                        help="CPU KV cache budget in bytes, all tensor-parallel ranks together "
+                             "(default 4 GiB)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=True, help="reuse cached KV blocks of shared prompt prefixes")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,

@@ -183,6 +183,29 @@ def test_async_engine_notices_a_worker_dying_while_idle(tp_dir):
     asyncio.run(scenario())
 
 
+def test_an_engine_dropped_without_shutdown_frees_its_workers_and_its_group(tp_dir):
+    """Garbage collection stops the workers (nothing else holds the executor: not its
+    monitor thread) and destroys the process group, so another TP engine can start."""
+    import gc
+    import weakref
+
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [5, 6, 7]}]
+    llm = LLM(model=str(tp_dir), skip_tokenizer_init=True, tensor_parallel_size=2)
+    expected = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    worker, executor = llm.llm_engine.executor.workers[0], weakref.ref(llm.llm_engine.executor)
+    del llm
+    gc.collect()
+    assert executor() is None, "something still holds the executor"
+    worker.join(5)
+    assert not _alive(worker.pid)
+    again = LLM(model=str(tp_dir), skip_tokenizer_init=True, tensor_parallel_size=2)
+    try:
+        assert again.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == expected
+    finally:
+        again.shutdown()
+
+
 @pytest.mark.slow
 def test_the_embedded_model_split_over_three_ranks_gives_the_same_greedy_text():
     """SmolLM2-135M has 9 query and 3 KV heads: it splits over 3 ranks, not 2 (see the
