@@ -26,19 +26,41 @@ CMAKE_FLAGS = [
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_CURL=OFF",
+    # Not -march=native: these VMs list AMX, whose instructions fault. Without NATIVE, ggml
+    # builds AVX, AVX2, FMA and F16C code; AVX-512 is added where the CPU has it.
     "-DGGML_NATIVE=OFF",
-    "-DGGML_AVX512=ON",
-    "-DGGML_AVX512_VBMI=ON",
-    "-DGGML_AVX512_VNNI=ON",
-    "-DGGML_AVX512_BF16=ON",
     "-DGGML_AMX_TILE=OFF",
     "-DGGML_AMX_INT8=OFF",
     "-DGGML_AMX_BF16=OFF",
 ]
+AVX512_FLAGS = {  # cpuinfo flag -> cmake option
+    "avx512f": "-DGGML_AVX512=ON",
+    "avx512vbmi": "-DGGML_AVX512_VBMI=ON",
+    "avx512_vnni": "-DGGML_AVX512_VNNI=ON",
+    "avx512_bf16": "-DGGML_AVX512_BF16=ON",
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cmake_flags() -> tuple[str, list[str]]:
+    """(a name for this instruction set, the cmake flags for it)."""
+    cpu = _cpu_flags()
+    if "avx512f" not in cpu:
+        return "avx2", CMAKE_FLAGS
+    return "avx512", CMAKE_FLAGS + [opt for flag, opt in AVX512_FLAGS.items() if flag in cpu]
 
 
 def server_binary(cache_dir: Path = CACHE_DIR) -> Path:
-    return cache_dir / "build" / "bin" / "llama-server"
+    """One build per instruction set: a cache shared by different machines keeps both."""
+    return cache_dir / f"build-{cmake_flags()[0]}" / "bin" / "llama-server"
 
 
 def ensure_llama_server(cache_dir: Path = CACHE_DIR, jobs: int | None = None) -> Path:
@@ -59,8 +81,9 @@ def ensure_llama_server(cache_dir: Path = CACHE_DIR, jobs: int | None = None) ->
             shutil.rmtree(source, ignore_errors=True)
             shutil.move(vendor, source)
             (cache_dir / "sdist.txt").write_text(sdist.name + "\n")
-    build = cache_dir / "build"
-    subprocess.run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True)
+    build = binary.parent.parent
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build), *cmake_flags()[1]],
+                   check=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server",
                     "-j", str(jobs or os.cpu_count() or 1)], check=True)
     if not binary.is_file():

@@ -341,17 +341,19 @@ class OpenAIServingResponses:
             reader = run.new_reader()
             # The whole text as one piece of a stream: the same items a stream builds.
             output.add(reader.stream(out.text, finished=True))
+            reader.count(out.token_ids)
             output.close()
             finish_reason = "stop" if reader.done else out.finish_reason  # (repeats cut)
             return JSONResponse(self._response(request, run, created, output.items,
-                                               finish_reason, len(out.token_ids)))
+                                               finish_reason, len(out.token_ids),
+                                               reader.reasoning_tokens))
         first = await self.serving.first_output(run)
         return StreamingResponse(self._events(request, run, created, first),
                                  media_type="text/event-stream")
 
     def _response(self, request: ResponsesRequest, run: ChatRun, created: int,
                   items: list[dict[str, Any]], finish_reason: str | None,
-                  num_output_tokens: int) -> dict[str, Any]:
+                  num_output_tokens: int, num_reasoning_tokens: int = 0) -> dict[str, Any]:
         """The Response object; finish_reason None: still in progress."""
         status, incomplete = "completed", None
         if finish_reason is None:
@@ -369,7 +371,7 @@ class OpenAIServingResponses:
             usage = {"input_tokens": num_prompt_tokens,
                      "input_tokens_details": {"cached_tokens": 0},
                      "output_tokens": num_output_tokens,
-                     "output_tokens_details": {"reasoning_tokens": 0},
+                     "output_tokens_details": {"reasoning_tokens": num_reasoning_tokens},
                      "total_tokens": num_prompt_tokens + num_output_tokens}
         return {
             "id": run.request_id, "object": "response", "created_at": created,
@@ -399,17 +401,19 @@ class OpenAIServingResponses:
 
         def snapshot(items, finish_reason, num_output_tokens) -> dict[str, Any]:
             return self._response(request, run, created, items, finish_reason,
-                                  num_output_tokens)
+                                  num_output_tokens, reader.reasoning_tokens)
 
+        output, reader, counted = _Output(), run.new_reader(), ChoiceStream()
         start = snapshot([], None, 0)
         yield event({"type": "response.created", "response": start})
         yield event({"type": "response.in_progress", "response": start})
-        output, reader, counted = _Output(), run.new_reader(), ChoiceStream()
         finish_reason = None
         try:
             outputs = _chain(first, run.merged)
             async for _, result in outputs:
                 out = result.outputs[0]
+                if not counted.finished:  # tokens whose text is held back count too
+                    reader.count(out.token_ids)
                 if not counted.advance(out, False):
                     continue
                 finish_reason = out.finish_reason

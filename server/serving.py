@@ -211,9 +211,32 @@ class ChoiceReader:
     request has tools) reads calls in what is left. Streamed or whole, the same split."""
 
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolCallStream | None,
-                 include_reasoning: bool = True) -> None:
+                 include_reasoning: bool = True, think_end_id: int | None = None) -> None:
+        """`think_end_id`: the token that closes the thinking, to count reasoning tokens by
+        (None: not one token; they are not counted)."""
         self.reasoning, self.tools = reasoning, tools
         self.include_reasoning = include_reasoning
+        self._think_end_id = think_end_id
+        self._thinking_tokens = 0
+        self._thought_ended = think_end_id is None
+
+    def count(self, token_ids: list[int]) -> None:
+        """Note the choice's next generated token ids (all of them, or the next delta)."""
+        if self._thought_ended or self.reasoning is None:
+            return
+        if self._think_end_id in token_ids:
+            self._thinking_tokens += token_ids.index(self._think_end_id) + 1
+            self._thought_ended = True
+        else:
+            self._thinking_tokens += len(token_ids)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Generated tokens of the thinking, its closing tag included (vLLM's count); 0
+        when the choice did not think, or its tag is not one token."""
+        if self.reasoning is None or not self.reasoning.reasoning or self._think_end_id is None:
+            return 0
+        return self._thinking_tokens
 
     @property
     def done(self) -> bool:
@@ -300,6 +323,8 @@ class OpenAIServing:
         self.tool_parser = get_tool_parser(tool_parser)  # for tool_choice "auto"
         self.reasoning_parser = (get_reasoning_parser(reasoning_parser)
                                  if reasoning_parser is not None else None)
+        self.think_end_id = (self.tokenizer.added_vocab.get(self.reasoning_parser.END)
+                             if self.reasoning_parser is not None and self.tokenizer else None)
         # Templates that know no tools get the default tool prompt (server/tools.py).
         self.template_knows_tools = template_knows_tools(template)
         info = async_engine.model_info
@@ -503,7 +528,7 @@ class OpenAIServing:
                 # Guided output is the grammar's from its first token: no implicit thinking.
                 reasoning = self.reasoning_parser(False if guide is not None else None)
             return ChoiceReader(reasoning, plan.new_reader(self.tool_parser),
-                                request.include_reasoning)
+                                request.include_reasoning, self.think_end_id)
 
         return ChatRun(request_id, model, merged, guide_field, new_reader, len(prompt_ids),
                        top_n)

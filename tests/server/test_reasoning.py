@@ -71,6 +71,27 @@ def test_tool_calls_after_the_thinking_are_read():
     assert hidden.parse("<think>x</think>y") == (None, "y", [])
 
 
+def test_reasoning_tokens_are_counted_through_the_closing_tag():
+    """usage.output_tokens_details.reasoning_tokens: the generated tokens up to and with
+    `</think>` (token 99 here), streamed in deltas or whole; 0 for a choice that did not
+    think, or when the tag is no single token of the vocabulary."""
+    pieces = [("<think>", [7]), ("hmm", [8, 9]), ("</think>", [99]), ("\n\n4", [10, 11])]
+
+    def count(think_end_id, pieces, parser="qwen3"):
+        reader = ChoiceReader(get_reasoning_parser(parser)(), None, think_end_id=think_end_id)
+        for i, (text, ids) in enumerate(pieces):
+            reader.stream(text, finished=i == len(pieces) - 1)
+            reader.count(ids)
+        return reader.reasoning_tokens
+
+    assert count(99, pieces) == 4
+    assert count(99, [("".join(t for t, _ in pieces), [7, 8, 9, 99, 10, 11])]) == 4
+    assert count(99, [("<think>cut", [7, 8]), (" off", [9])]) == 3  # never closed
+    assert count(99, [("just an answer", [1, 2, 3])]) == 0
+    assert count(None, pieces) == 0
+    assert count(99, [("x", [5])] + pieces[2:], "deepseek_r1") == 2  # opened in the prompt
+
+
 def test_template_kwargs_carry_reasoning_effort():
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}],
                                     reasoning_effort="high",
