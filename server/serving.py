@@ -203,6 +203,7 @@ class ChatRun:
     new_reader: Callable[[], ChoiceReader]  # one per choice
     num_prompt_tokens: int
     top_n: int  # top_logprobs
+    num_choices: int = 1  # n
 
 
 class ChoiceReader:
@@ -431,13 +432,17 @@ class OpenAIServing:
                 raise
             raise error from None
 
-    async def _collect(self, merged: AsyncIterator[tuple[int, RequestOutput]],
-                       count: int) -> list[RequestOutput]:
-        """Each prompt's whole output, put together from its deltas."""
+    async def _collect(self, merged: AsyncIterator[tuple[int, RequestOutput]], count: int,
+                       done: Callable[[RequestOutput], bool] | None = None,
+                       ) -> list[RequestOutput]:
+        """Each prompt's whole output, put together from its deltas; with `done`, only
+        until done(delta) says the answer is complete."""
         finals = [DeltaAccumulator() for _ in range(count)]
         try:
             async for i, output in merged:
                 finals[i].add(output)
+                if done is not None and done(output):
+                    break
         except Exception as exc:
             error = engine_error(exc)
             if error is None:
@@ -531,11 +536,31 @@ class OpenAIServing:
                                 request.include_reasoning, self.think_end_id)
 
         return ChatRun(request_id, model, merged, guide_field, new_reader, len(prompt_ids),
-                       top_n)
+                       top_n, request.n)
 
     async def final_output(self, run: ChatRun) -> RequestOutput:
-        """A non-streamed chat run's whole output."""
-        (final,) = await _naming_guide(self._collect(run.merged, 1), run.guide_field)
+        """A non-streamed chat run's whole output. As in a stream, a choice that begins to
+        repeat its tool calls is over there: once every choice is finished or over, the
+        request is left (which aborts it) instead of running on to max_tokens."""
+        watchers: dict[int, ChoiceReader] = {}
+        over: set[int] = set()
+
+        def all_over(delta: RequestOutput) -> bool:
+            for out in delta.outputs:
+                if out.index in over:
+                    continue
+                watcher = watchers.setdefault(out.index, run.new_reader())
+                watcher.stream(out.text, finished=out.finish_reason is not None)
+                if out.finish_reason is not None or watcher.done:
+                    over.add(out.index)
+            return len(over) == run.num_choices
+
+        watch = run.new_reader().tools is not None  # only tool calls end a reply early
+        (final,) = await _naming_guide(
+            self._collect(run.merged, 1, all_over if watch else None), run.guide_field)
+        for out in final.outputs:
+            if out.finish_reason is None:  # cut where it began to repeat
+                out.finish_reason = "stop"
         return final
 
     async def first_output(self, run: ChatRun):
