@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 _MAX_CACHED_GRAMMARS = 256
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:line: "; the user needs the rest.
 _XGRAMMAR_ERROR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+# An integer with no bounds in its schema gets int64's: a small model, once in a number,
+# may write digits until max_tokens ("population": 1111111...), and no consumer holds more.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Keywords whose values are data, not schemas: never given bounds.
+_DATA_KEYWORDS = frozenset({"const", "default", "enum", "examples"})
 
 
 @dataclass(slots=True)
@@ -121,7 +126,10 @@ class StructuredOutputManager:
         kind = guided.kind
         if kind in ("json", "json_object"):
             schema = {"type": "object"} if kind == "json_object" else guided.json
-            return compiler.compile_json_schema(schema, any_whitespace=guided.any_whitespace)
+            if isinstance(schema, str):
+                schema = json.loads(schema)  # valid: _cache_key parsed it
+            return compiler.compile_json_schema(bound_integers(schema),
+                                                any_whitespace=guided.any_whitespace)
         if kind == "regex":
             return compiler.compile_regex(guided.regex)
         if kind == "choice":
@@ -197,6 +205,24 @@ def _bit(token: int) -> int:
 
 def _allowed(row: torch.Tensor, token: int) -> bool:
     return 0 <= token < row.numel() * 32 and bool((int(row[token >> 5]) >> (token & 31)) & 1)
+
+
+def bound_integers(schema):
+    """A copy of a JSON schema in which every integer without a lower (upper) bound gets
+    int64's; the rest unchanged. Output valid for the copy is valid for the original."""
+    if isinstance(schema, list):
+        return [bound_integers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: value if key in _DATA_KEYWORDS else bound_integers(value)
+               for key, value in schema.items()}
+    kind = schema.get("type")
+    if kind == "integer" or isinstance(kind, list) and "integer" in kind:
+        if "minimum" not in schema and "exclusiveMinimum" not in schema:
+            bounded["minimum"] = _INT64_MIN
+        if "maximum" not in schema and "exclusiveMaximum" not in schema:
+            bounded["maximum"] = _INT64_MAX
+    return bounded
 
 
 def _cache_key(guided: GuidedDecodingParams) -> tuple:

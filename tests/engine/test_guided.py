@@ -372,3 +372,17 @@ def test_forced_text_is_spelled_as_the_tokenizer_spells_it(llm):
     forced = allowed_after('{"', canonical=True)
     assert forced.nonzero().flatten().tolist() == [setup]
     assert allowed_after('{"setup":', canonical=True).sum() > 1  # ` "` may merge onwards
+
+
+def test_an_integer_without_bounds_ends_within_int64s_digits(llm):
+    """Pushed to write 1s for ever (logit_bias), the model must end a number after 19
+    digits: an integer the schema leaves unbounded gets int64's bounds (a small model can
+    otherwise write digits until max_tokens); bounds the schema gives are its own."""
+    one = llm.get_tokenizer().convert_tokens_to_ids("1")
+    schema = {"type": "object", "required": ["n", "m"], "properties": {
+        "n": {"type": "integer"}, "m": {"type": "integer", "maximum": 99}}}
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logit_bias={one: 100.0},
+                            guided_decoding=guided(json=schema))
+    (out,) = run(llm, [(chat(llm, "Two numbers, please."), params)])
+    assert json.loads(out.outputs[0].text) == {"n": int("1" * 19), "m": 11}
+    assert out.outputs[0].finish_reason == "stop"
