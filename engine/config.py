@@ -53,6 +53,10 @@ class EngineConfig:
     # Ranks the model is split over (engine/executor.py): heads, MLP features and vocabulary
     # divided among worker processes, gloo on CPUs, NCCL on GPUs (one GPU per rank).
     tensor_parallel_size: int = 1
+    # A reasoning model's (start, end) thinking tags, e.g. ("<think>", "</think>"), each one
+    # token: guided output is then constrained only after the thinking (vLLM's default
+    # with --reasoning-parser). None: the grammar holds from the first output token.
+    reasoning_tags: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

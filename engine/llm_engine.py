@@ -21,7 +21,7 @@ from pagedserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.engine.request import FINISH_REASONS, Request, RequestStatus
 from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
-from pagedserve.engine.structured_output import StructuredOutputManager
+from pagedserve.engine.structured_output import StructuredOutputManager, reasoning_tag_ids
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     has_tokenizer: bool
+    # The thinking tags guided output waits for (EngineConfig.reasoning_tags, when they are
+    # single tokens); None: guided output is constrained from its first token.
+    reasoning_tags: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -141,6 +144,9 @@ class LLMEngine:
         self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
         # Built on the first guided request, so unguided use never loads xgrammar.
         self.structured_output: StructuredOutputManager | None = None
+        tags = config.reasoning_tags
+        self.reasoning_ids = (reasoning_tag_ids(self.tokenizer, tags)
+                              if tags is not None and self.tokenizer is not None else None)
         self._num_guided = 0  # sequences with a live grammar matcher
 
         # Async scheduling: step N+1 is scheduled and launched before step N's outputs are
@@ -250,7 +256,7 @@ class LLMEngine:
             if child_params.detokenize and self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
             if grammar is not None:
-                child.grammar = self.structured_output.new_matcher(grammar, stop_ids)
+                child.grammar = self.structured_output.new_matcher(grammar, stop_ids, token_ids)
             children.append(child)
         parent = _UserRequest(request_id, text, token_ids, children, params.output_kind)
         self._parents[request_id] = parent
@@ -275,7 +281,7 @@ class LLMEngine:
         on the engine's thread; compile() on it may be called from any thread."""
         return StructuredOutputManager(tokenizer, self.hf_config.vocab_size,
                                        self.eos_token_ids, self.config.max_num_seqs,
-                                       self.model_runner.device)
+                                       self.model_runner.device, self.reasoning_ids)
 
     def use_structured_output(self, manager: StructuredOutputManager) -> None:
         """Take `manager` (see new_structured_output) unless the engine has one already."""
@@ -604,7 +610,8 @@ class LLMEngine:
     @property
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.config.model, str(self.model_dir), self.max_model_len,
-                         self.hf_config.vocab_size, self.tokenizer is not None)
+                         self.hf_config.vocab_size, self.tokenizer is not None,
+                         self.config.reasoning_tags if self.reasoning_ids else None)
 
     def get_num_waiting_requests(self) -> int:
         """Sequences waiting for admission (n > 1 counts n)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import threading
@@ -22,6 +23,8 @@ from pagedserve.engine.sampling_params import GuidedDecodingParams
 
 if TYPE_CHECKING:
     import xgrammar
+
+logger = logging.getLogger(__name__)
 
 # Compiled grammars kept; a server whose every request brings a new schema must not grow
 # without bound. A compiled JSON schema grammar is tens to hundreds of KiB.
@@ -60,10 +63,14 @@ class StructuredOutputManager:
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Iterable[int],
-                 max_num_seqs: int, device: torch.device) -> None:
+                 max_num_seqs: int, device: torch.device,
+                 reasoning_ids: tuple[int, int] | None = None) -> None:
+        """`reasoning_ids`: a reasoning model's thinking tags' token ids (reasoning_tag_ids):
+        guided output is then constrained after the thinking; None: throughout."""
         import xgrammar as xgr
 
         self._xgr = xgr
+        self.reasoning_ids = reasoning_ids
         # Text the grammar forces (keys, punctuation, a lone enum value) is spelled the way
         # the tokenizer spells it: the model is never made to write `s|et|u|p` for "setup"
         # (a spelling it never saw, after which small models derail). Off only to measure
@@ -138,13 +145,17 @@ class StructuredOutputManager:
             return compiler.compile_grammar(f"root ::= {alternatives}")
         return compiler.compile_grammar(guided.grammar)
 
-    def new_matcher(self, compiled: xgrammar.CompiledGrammar,
-                    stop_token_ids: Iterable[int]) -> xgrammar.GrammarMatcher:
+    def new_matcher(self, compiled: xgrammar.CompiledGrammar, stop_token_ids: Iterable[int],
+                    prompt_token_ids: list[int] | None = None):
         """A matcher at the start of the output. Once the structure is complete it allows
         only the request's stop tokens (the engine's EOS ids if the request has none, e.g.
-        with ignore_eos), and accepting one terminates it."""
+        with ignore_eos), and accepting one terminates it. With reasoning tags, it waits
+        for the thinking to end first (ThinkingFirst)."""
         stop = sorted(stop_token_ids)
-        return self._xgr.GrammarMatcher(compiled, override_stop_tokens=stop or None)
+        matcher = self._xgr.GrammarMatcher(compiled, override_stop_tokens=stop or None)
+        if self.reasoning_ids is None:
+            return matcher
+        return ThinkingFirst(matcher, *self.reasoning_ids, prompt_token_ids or [])
 
     # ---- each step ------------------------------------------------------------------
     def fill_bitmask(self, matchers: list[xgrammar.GrammarMatcher | None]
@@ -195,6 +206,68 @@ class StructuredOutputManager:
 
 
 _FORCED_PREFIX_CHARS = 64
+
+
+class ThinkingFirst:
+    """A grammar matcher that lets a reasoning model think first: output is free until the
+    end tag, and the grammar holds from the token after it. The thinking is under way when
+    the prompt leaves a start tag open (a template that opens it, DeepSeek-R1's); else the
+    first token may be the start tag (the model opens it, Qwen3's) or the grammar's."""
+
+    _OPENING, _THINKING, _GRAMMAR = range(3)
+
+    def __init__(self, matcher, start_id: int, end_id: int, prompt_token_ids: list[int]):
+        self.matcher, self.start_id, self.end_id = matcher, start_id, end_id
+        opened = _last_index(prompt_token_ids, start_id) > _last_index(prompt_token_ids, end_id)
+        self.phase = self._THINKING if opened else self._OPENING
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Like GrammarMatcher's: False when every token is allowed (while thinking)."""
+        if self.phase == self._THINKING:
+            return False
+        masked = self.matcher.fill_next_token_bitmask(bitmask, row)
+        if masked and self.phase == self._OPENING:
+            bitmask[row, self.start_id >> 5] |= _bit(self.start_id)
+        return masked
+
+    def accept_token(self, token_id: int) -> bool:
+        if self.phase == self._THINKING:
+            if token_id == self.end_id:
+                self.phase = self._GRAMMAR
+            return True
+        if self.phase == self._OPENING:
+            if token_id == self.start_id:
+                self.phase = self._THINKING
+                return True
+            self.phase = self._GRAMMAR
+        return self.matcher.accept_token(token_id)
+
+    def is_terminated(self) -> bool:
+        return self.phase == self._GRAMMAR and self.matcher.is_terminated()
+
+    def find_jump_forward_string(self) -> str:
+        """Nothing is forced while the start tag is still an option."""
+        return self.matcher.find_jump_forward_string() if self.phase == self._GRAMMAR else ""
+
+    def find_jump_forward_tokens(self) -> list[int]:
+        return self.matcher.find_jump_forward_tokens() if self.phase == self._GRAMMAR else []
+
+
+def _last_index(ids: list[int], token: int) -> int:
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == token:
+            return i
+    return -1
+
+
+def reasoning_tag_ids(tokenizer, tags: tuple[str, str]) -> tuple[int, int] | None:
+    """The thinking tags' token ids; None (with a warning) unless each is one token."""
+    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in tags]
+    if all(len(i) == 1 for i in ids):
+        return ids[0][0], ids[1][0]
+    logger.warning("reasoning tags %s are not single tokens of this tokenizer: guided output "
+                   "is constrained from the first token, thinking or not", tags)
+    return None
 
 
 def _bit(token: int) -> int:

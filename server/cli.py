@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from pagedserve.server.reasoning_parsers import REASONING_PARSERS
+from pagedserve.server.reasoning_parsers import REASONING_PARSERS, get_reasoning_parser
 from pagedserve.server.tool_parsers import TOOL_PARSERS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -196,7 +196,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a second OpenMP pool slows the engine's kernels (see AsyncEngine).
     compute_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    async_engine = AsyncEngine(EngineConfig(**engine_kwargs(args)),
+    engine_config = EngineConfig(**engine_kwargs(args))
+    if args.reasoning_parser is not None:  # guided output waits for the thinking to end
+        parser = get_reasoning_parser(args.reasoning_parser)
+        engine_config.reasoning_tags = (parser.START, parser.END)
+    async_engine = AsyncEngine(engine_config,
                                max_waiting_requests=args.max_waiting_requests,
                                grammar_compile_timeout=args.structured_output_compile_timeout,
                                compute_threads=compute_threads)
@@ -279,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a reasoning model's format: its <think>...</think> comes back as "
                             "message.reasoning_content (and reasoning), streamed as deltas, "
                             "never in content (deepseek_r1: the prompt opens the block; qwen3: "
-                            "the model does). Default: none, thinking stays in content")
+                            "the model does); structured output holds after the thinking. "
+                            "Default: none, thinking stays in content")
     serve.add_argument("--embedding-model", default=None, metavar="PATH",
                        help="sentence-transformers HF directory to serve on /v1/embeddings "
                             "(default: the embedded all-MiniLM-L6-v2, if installed)")

@@ -329,6 +329,9 @@ class OpenAIServing:
         # Templates that know no tools get the default tool prompt (server/tools.py).
         self.template_knows_tools = template_knows_tools(template)
         info = async_engine.model_info
+        # The thinking tags guided output waits for, if the engine does (else it is guided
+        # from the first token).
+        self.reasoning_tags = info.reasoning_tags if self.reasoning_parser is not None else None
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         # Text longer than this cannot fit the context whatever it says: refused before it
@@ -527,11 +530,17 @@ class OpenAIServing:
         merged = merge_async_iterators(self.generate(
             request_id, {"prompt": text, "prompt_token_ids": prompt_ids}, params))
 
+        opens = None  # the parser's own default
+        if guide is not None:
+            # The grammar holds from the first token, unless the engine lets the model think
+            # first: then it is thinking from the start just where the prompt opened it.
+            opens = (self.reasoning_tags is not None
+                     and text.rfind(self.reasoning_tags[0]) > text.rfind(self.reasoning_tags[1]))
+
         def new_reader() -> ChoiceReader:
             reasoning = None
             if self.reasoning_parser is not None:
-                # Guided output is the grammar's from its first token: no implicit thinking.
-                reasoning = self.reasoning_parser(False if guide is not None else None)
+                reasoning = self.reasoning_parser(opens)
             return ChoiceReader(reasoning, plan.new_reader(self.tool_parser),
                                 request.include_reasoning, self.think_end_id)
 

@@ -60,3 +60,18 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int):
                     for step, t in zip(out.logits, tokens)]
         results.append((tokens, logprobs))
     return results
+
+
+def build_thinking_tokenizer(path: Path) -> tuple[Path, int, int]:
+    """The embedded model's tokenizer with <think> and </think> added as single tokens (not
+    special: kept in decoded text, as Qwen3's are), saved to `path`: (path, start id, end
+    id). A tiny model for it needs vocab_size=end id + 1."""
+    from transformers import AutoTokenizer
+
+    from pagedserve.engine.loader.resolve import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.save_pretrained(path)
+    start, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    return path, start, end

@@ -386,3 +386,43 @@ def test_an_integer_without_bounds_ends_within_int64s_digits(llm):
     (out,) = run(llm, [(chat(llm, "Two numbers, please."), params)])
     assert json.loads(out.outputs[0].text) == {"n": int("1" * 19), "m": 11}
     assert out.outputs[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def thinking_llm(tmp_path_factory):
+    """A tiny random model whose tokenizer (the embedded one) has <think> and </think> as
+    single tokens (added, not special: kept in the text, as Qwen3's), on an engine told they
+    are its reasoning tags."""
+    from tests.tiny_models import build_thinking_tokenizer, build_tiny_model
+
+    path = tmp_path_factory.mktemp("thinking")
+    tokenizer, start, end = build_thinking_tokenizer(path / "tokenizer")
+    model = build_tiny_model(path / "model", "llama", vocab_size=end + 1)
+    llm = LLM(model=str(model), tokenizer=str(tokenizer), kv_cache_memory=16 << 20,
+              reasoning_tags=("<think>", "</think>"))
+    return llm, start, end
+
+
+def test_with_reasoning_tags_the_grammar_holds_only_after_the_thinking(thinking_llm):
+    """The prompt opened the thinking: output is free until </think> (here pushed to come
+    first), then the grammar's. The prompt closed it: the grammar holds from the first token
+    (</think> is masked however much it is wanted). No thinking yet: the first token may
+    open it, or be the grammar's."""
+    llm, start, end = thinking_llm
+    tokenizer = llm.get_tokenizer()
+    yes_no = guided(choice=["yes", "no"])
+
+    def first_tokens(prompt: str, bias: dict[int, float], max_tokens: int = 10):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias=bias,
+                                guided_decoding=yes_no)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        (out,) = run(llm, [({"prompt_token_ids": ids}, params)])
+        return out.outputs[0]
+
+    opened = first_tokens("Is it? <think>", {end: 100.0})
+    assert opened.token_ids[0] == end and opened.finish_reason == "stop"
+    assert opened.text in ("</think>yes", "</think>no")
+    closed = first_tokens("Is it? <think>hmm</think>", {end: 100.0})
+    assert end not in closed.token_ids and closed.text in ("yes", "no")
+    assert first_tokens("Is it?", {start: 100.0}, max_tokens=1).token_ids == [start]
+    assert first_tokens("Is it?", {}).text in ("yes", "no")  # it need not think

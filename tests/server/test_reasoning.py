@@ -167,3 +167,28 @@ def test_guided_output_is_content_even_for_a_parser_that_opens_in_reasoning(long
     free = app.post("/v1/chat/completions", json={**body, "max_tokens": 4}).json()
     message = free["choices"][0]["message"]  # unguided: no </think>, so all thinking
     assert message["content"] is None and message["reasoning_content"]
+
+
+def test_guided_output_follows_the_thinking_when_the_engine_waits_for_it(tmp_path):
+    """An engine given the reasoning tags holds the grammar until `</think>`; the server
+    then reads the thinking where the prompt opened it (here a template ending in
+    `<think>`, as DeepSeek-R1's does): an empty thought, then the grammar's answer as
+    content, never `</think>yes`."""
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.engine.config import EngineConfig
+    from pagedserve.server.app import build_app
+    from tests.tiny_models import build_thinking_tokenizer, build_tiny_model
+
+    tokenizer, _, end = build_thinking_tokenizer(tmp_path / "tokenizer")
+    model = build_tiny_model(tmp_path / "model", "llama", vocab_size=end + 1)
+    engine = AsyncEngine(EngineConfig(model=str(model), tokenizer=str(tokenizer),
+                                      kv_cache_memory=8 << 20,
+                                      reasoning_tags=("<think>", "</think>")))
+    template = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}Answer: <think>\n{% endif %}")
+    with TestClient(build_app(engine, [MODEL_NAME], chat_template=template,
+                              reasoning_parser="deepseek_r1")) as client:
+        body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 10, "temperature": 0,
+                "logit_bias": {str(end): 100}, "structured_outputs": {"choice": ["yes", "no"]}}
+        message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message["content"] in ("yes", "no") and message["reasoning_content"] is None
