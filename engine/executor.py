@@ -81,6 +81,9 @@ class MultiprocExecutor(Executor):
         if device.type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs; "
                              f"{torch.cuda.device_count()} are visible")
+        if dist.is_initialized():  # its group is the process's one default group
+            raise RuntimeError("a tensor-parallel engine is already running in this process: "
+                               "shut it down (LLM.shutdown()) before starting another")
         backend = "nccl" if device.type == "cuda" else "gloo"
         self._failure: str | None = None
         self._fail_lock = threading.Lock()
@@ -112,6 +115,10 @@ class MultiprocExecutor(Executor):
             if backend == "nccl":
                 torch.cuda.set_device(0)  # NCCL's collectives run on the current device
             self._group = _join_group(backend, store, 0, size)
+            # From here a worker's death (while loading, say) is noticed. The monitor holds
+            # the executor weakly: an engine dropped unshut is still collected.
+            threading.Thread(target=_watch, args=(weakref.ref(self), self._stopping),
+                             name="pagedserve-tp-monitor", daemon=True).start()
             if device.type == "cpu":
                 torch.set_num_threads(threads)
             self.driver = ModelRunner(config, hf_config, model_dir, max_model_len,
@@ -119,10 +126,6 @@ class MultiprocExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        # It holds the executor weakly: an engine dropped unshut is still collected.
-        self._monitor = threading.Thread(target=_watch, args=(weakref.ref(self), self._stopping),
-                                         name="pagedserve-tp-monitor", daemon=True)
-        self._monitor.start()
         logger.info("Tensor parallel: %d ranks over %s (workers %s)", size, backend,
                     [w.pid for w in self.workers])
 
@@ -196,13 +199,12 @@ class MultiprocExecutor(Executor):
             self._failure = reason
         logger.error("tensor-parallel executor failed: %s", reason)
         _stop_workers(self.workers, self._stopping, timeout=0)
-        if self._backend == "nccl":
+        if self._backend == "nccl" and dist.is_initialized():
             # A collective waiting on the lost peer spins on the GPU for ever; aborting the
-            # communicator ends it (and, with the default async error handling, maybe this
-            # process: better than a hang).
+            # communicators ends it (and, with the default async error handling, maybe this
+            # process: better than a hang). Every group goes, so shutdown has none to end.
             try:
-                dist.distributed_c10d._get_default_group()._get_backend(
-                    torch.device("cuda")).abort()
+                dist.distributed_c10d._abort_process_group()
             except Exception:
                 logger.exception("could not abort the NCCL communicator")
         for callback in self._callbacks:
@@ -241,12 +243,15 @@ def _join_group(backend: str, store, rank: int, size: int):
     """init_process_group, bounded by the join timeout (a rank that dies before it meets the
     others is an error, not a hang), then the timeouts of use. Returns the group the calls
     travel in (None: the default group)."""
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size,
-                            timeout=timedelta(seconds=_JOIN_TIMEOUT_S))
+    join = timedelta(seconds=_JOIN_TIMEOUT_S)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=join)
     if backend == "nccl":
         dist.distributed_c10d._set_pg_timeout(_NCCL_TIMEOUT)
-        # Calls travel as pickled objects, on the CPU: a gloo group beside NCCL's.
-        return dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+        # Calls travel as pickled objects, on the CPU: a gloo group beside NCCL's. NCCL's
+        # ranks first meet here (its init is lazy): under the join timeout too.
+        calls = dist.new_group(backend="gloo", timeout=join)
+        dist.distributed_c10d._set_pg_timeout(_IDLE_TIMEOUT, calls)
+        return calls
     dist.distributed_c10d._set_pg_timeout(_IDLE_TIMEOUT)
     return None
 

@@ -375,9 +375,9 @@ class LLMEngine:
         if self._runner_thread is not None:
             self._runner_thread.submit(lambda: None).result()  # let queued steps end first
         self._in_flight = None
-        if self.executor.failure is None:
+        try:
             self.executor.run("reset_requests")  # every rank's persistent batch
-        else:  # no step runs again; rank 0's rows go all the same
+        except RuntimeError:  # the executor failed: no step runs again; rank 0's rows go
             self.model_runner.reset_requests()
         for parent in list(self._parents.values()):
             for child in parent.children:
@@ -404,6 +404,8 @@ class LLMEngine:
         if isinstance(handle, Future):
             handle = handle.result()
         result = self.model_runner.collect(handle)
+        if self.executor.failure is not None:  # a worker died mid-step: its tokens are noise
+            raise RuntimeError(f"the tensor-parallel executor failed: {self.executor.failure}")
         outputs = []
         for parent in self._process_outputs(result):
             children = parent.children

@@ -34,8 +34,12 @@ _XGRAMMAR_ERROR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 # An integer with no bounds in its schema gets int64's: a small model, once in a number,
 # may write digits until max_tokens ("population": 1111111...), and no consumer holds more.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# Keywords whose values are data, not schemas: never given bounds.
-_DATA_KEYWORDS = frozenset({"const", "default", "enum", "examples"})
+# Keywords whose values are data, not schemas, or schemas a bound could make match more
+# (under `not`, an `if`'s condition): copied as they are.
+_LEFT_ALONE = frozenset({"const", "default", "enum", "examples", "not", "if"})
+# Keywords whose values map names to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                          "dependentSchemas"})
 
 
 @dataclass(slots=True)
@@ -208,18 +212,36 @@ class StructuredOutputManager:
 _FORCED_PREFIX_CHARS = 64
 
 
+# A prompt whose end tag is among its last few tokens closed the thinking itself (Qwen3's
+# template with enable_thinking=False ends in "<think>\n\n</think>\n\n"): the answer is next.
+_CLOSED_THINKING_TAIL = 4
+
+
+def thinking_state(prompt_token_ids: list[int], start_id: int, end_id: int) -> str:
+    """How a reasoning model's output begins after this prompt: "thinking" (the prompt
+    opened a block it did not close: DeepSeek-R1's template), "answer" (the prompt just
+    closed one) or "open" (the model may open one, as Qwen3 does, or answer)."""
+    last_start = _last_index(prompt_token_ids, start_id)
+    last_end = _last_index(prompt_token_ids, end_id)
+    if last_start > last_end:
+        return "thinking"
+    if last_end >= 0 and len(prompt_token_ids) - last_end <= _CLOSED_THINKING_TAIL:
+        return "answer"
+    return "open"
+
+
 class ThinkingFirst:
     """A grammar matcher that lets a reasoning model think first: output is free until the
-    end tag, and the grammar holds from the token after it. The thinking is under way when
-    the prompt leaves a start tag open (a template that opens it, DeepSeek-R1's); else the
-    first token may be the start tag (the model opens it, Qwen3's) or the grammar's."""
+    end tag, and the grammar holds from the token after it. Where the prompt leaves the
+    thinking (thinking_state): under way, the grammar waits for the end tag; just closed,
+    it holds at once; else the first token may be the start tag or the grammar's."""
 
     _OPENING, _THINKING, _GRAMMAR = range(3)
 
     def __init__(self, matcher, start_id: int, end_id: int, prompt_token_ids: list[int]):
         self.matcher, self.start_id, self.end_id = matcher, start_id, end_id
-        opened = _last_index(prompt_token_ids, start_id) > _last_index(prompt_token_ids, end_id)
-        self.phase = self._THINKING if opened else self._OPENING
+        self.phase = {"thinking": self._THINKING, "answer": self._GRAMMAR,
+                      "open": self._OPENING}[thinking_state(prompt_token_ids, start_id, end_id)]
 
     def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
         """Like GrammarMatcher's: False when every token is allowed (while thinking)."""
@@ -282,15 +304,23 @@ def _allowed(row: torch.Tensor, token: int) -> bool:
 
 def bound_integers(schema):
     """A copy of a JSON schema in which every integer without a lower (upper) bound gets
-    int64's; the rest unchanged. Output valid for the copy is valid for the original."""
+    int64's; the rest unchanged. Output valid for the copy is valid for the original (the
+    negated and conditional parts, where a bound could widen it, are left alone)."""
     if isinstance(schema, list):
         return [bound_integers(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    bounded = {key: value if key in _DATA_KEYWORDS else bound_integers(value)
-               for key, value in schema.items()}
+    bounded = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> schema
+            bounded[key] = {name: bound_integers(sub) for name, sub in value.items()}
+        elif key in _LEFT_ALONE:
+            bounded[key] = value
+        else:
+            bounded[key] = bound_integers(value)
     kind = schema.get("type")
-    if kind == "integer" or isinstance(kind, list) and "integer" in kind:
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "integer" in kinds and "number" not in kinds:  # a bound would cap numbers too
         if "minimum" not in schema and "exclusiveMinimum" not in schema:
             bounded["minimum"] = _INT64_MIN
         if "maximum" not in schema and "exclusiveMaximum" not in schema:

@@ -83,7 +83,17 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,
+        reasoning_tags=reasoning_tags(getattr(args, "reasoning_parser", None)),
     )
+
+
+def reasoning_tags(parser_name: str | None) -> tuple[str, str] | None:
+    """The engine's reasoning_tags for --reasoning-parser: guided output waits for the
+    thinking to end."""
+    if parser_name is None:
+        return None
+    parser = get_reasoning_parser(parser_name)
+    return parser.START, parser.END
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -196,11 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a second OpenMP pool slows the engine's kernels (see AsyncEngine).
     compute_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    engine_config = EngineConfig(**engine_kwargs(args))
-    if args.reasoning_parser is not None:  # guided output waits for the thinking to end
-        parser = get_reasoning_parser(args.reasoning_parser)
-        engine_config.reasoning_tags = (parser.START, parser.END)
-    async_engine = AsyncEngine(engine_config,
+    async_engine = AsyncEngine(EngineConfig(**engine_kwargs(args)),
                                max_waiting_requests=args.max_waiting_requests,
                                grammar_compile_timeout=args.structured_output_compile_timeout,
                                compute_threads=compute_threads)

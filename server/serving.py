@@ -27,6 +27,7 @@ from pagedserve.engine.async_engine import (
 from pagedserve.engine.embedding import AsyncEmbeddingEngine, InputTooLongError
 from pagedserve.engine.outputs import CompletionOutput, DeltaAccumulator, Logprob, RequestOutput
 from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.engine.structured_output import thinking_state
 from pagedserve.engine.tokenization import max_text_chars
 from pagedserve.server.errors import APIError, error_body, internal_error
 from pagedserve.server.guided import guided_decoding
@@ -329,9 +330,13 @@ class OpenAIServing:
         # Templates that know no tools get the default tool prompt (server/tools.py).
         self.template_knows_tools = template_knows_tools(template)
         info = async_engine.model_info
-        # The thinking tags guided output waits for, if the engine does (else it is guided
-        # from the first token).
-        self.reasoning_tags = info.reasoning_tags if self.reasoning_parser is not None else None
+        # The thinking tags' ids, if the engine makes guided output wait for the thinking
+        # (else it is guided from the first token).
+        tags = info.reasoning_tags if self.reasoning_parser is not None else None
+        vocab = self.tokenizer.added_vocab if self.tokenizer is not None else {}
+        self.deferred_reasoning_ids = (
+            (vocab[tags[0]], vocab[tags[1]]) if tags and tags[0] in vocab and tags[1] in vocab
+            else None)
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         # Text longer than this cannot fit the context whatever it says: refused before it
@@ -533,9 +538,10 @@ class OpenAIServing:
         opens = None  # the parser's own default
         if guide is not None:
             # The grammar holds from the first token, unless the engine lets the model think
-            # first: then it is thinking from the start just where the prompt opened it.
-            opens = (self.reasoning_tags is not None
-                     and text.rfind(self.reasoning_tags[0]) > text.rfind(self.reasoning_tags[1]))
+            # first: then it is thinking from the start just where the prompt opened it (the
+            # engine's own rule, on the same ids).
+            opens = (self.deferred_reasoning_ids is not None
+                     and thinking_state(prompt_ids, *self.deferred_reasoning_ids) == "thinking")
 
         def new_reader() -> ChoiceReader:
             reasoning = None
@@ -558,7 +564,9 @@ class OpenAIServing:
             for out in delta.outputs:
                 if out.index in over:
                     continue
-                watcher = watchers.setdefault(out.index, run.new_reader())
+                if out.index not in watchers:
+                    watchers[out.index] = run.new_reader()
+                watcher = watchers[out.index]
                 watcher.stream(out.text, finished=out.finish_reason is not None)
                 if out.finish_reason is not None or watcher.done:
                     over.add(out.index)

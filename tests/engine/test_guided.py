@@ -426,3 +426,86 @@ def test_with_reasoning_tags_the_grammar_holds_only_after_the_thinking(thinking_
     assert end not in closed.token_ids and closed.text in ("yes", "no")
     assert first_tokens("Is it?", {start: 100.0}, max_tokens=1).token_ids == [start]
     assert first_tokens("Is it?", {}).text in ("yes", "no")  # it need not think
+
+
+class _FakeMatcher:
+    """A grammar that allows only token 5, then is done; records what it is fed."""
+
+    def __init__(self):
+        self.accepted = []
+
+    def fill_next_token_bitmask(self, bitmask, row):
+        bitmask[row].zero_()
+        bitmask[row, 0] = 1 << 5
+        return True
+
+    def accept_token(self, token_id):
+        self.accepted.append(token_id)
+        return token_id == 5
+
+    def is_terminated(self):
+        return bool(self.accepted)
+
+    def find_jump_forward_string(self):
+        return "forced"
+
+    def find_jump_forward_tokens(self):
+        return [5]
+
+
+def test_thinking_first_frees_the_thinking_and_then_holds_the_grammar():
+    from pagedserve.engine.structured_output import ThinkingFirst, thinking_state
+
+    start, end = 63, 62  # bit 31 of word 1 for the start tag: the sign bit
+    assert thinking_state([1, start, 2], start, end) == "thinking"
+    assert thinking_state([1, start, 2, end, 3], start, end) == "answer"  # just closed
+    assert thinking_state([1, start, 2, end] + [3] * 6, start, end) == "open"  # an old turn's
+    assert thinking_state([1, 2], start, end) == "open"
+    bitmask = torch.zeros(1, 2, dtype=torch.int32)
+
+    def allowed():
+        return [t for t in range(64) if (int(bitmask[0, t >> 5]) >> (t & 31)) & 1]
+
+    gate = ThinkingFirst(_FakeMatcher(), start, end, [1, 2])  # may open, or answer
+    assert gate.fill_next_token_bitmask(bitmask, 0) and allowed() == [5, start]
+    assert gate.find_jump_forward_string() == "" and gate.find_jump_forward_tokens() == []
+    assert gate.accept_token(start) and not gate.is_terminated()
+    assert not gate.fill_next_token_bitmask(bitmask, 0)  # thinking: every token
+    for token in (7, start, 8):  # anything goes, another <think> too
+        assert gate.accept_token(token)
+    assert gate.accept_token(end) and gate.matcher.accepted == []
+    assert gate.fill_next_token_bitmask(bitmask, 0) and allowed() == [5]  # no <think> now
+    assert gate.find_jump_forward_tokens() == [5]
+    assert not gate.accept_token(start)  # the grammar's to refuse
+    answering = ThinkingFirst(_FakeMatcher(), start, end, [start, end])
+    assert answering.accept_token(5) and answering.is_terminated()
+    assert ThinkingFirst(_FakeMatcher(), start, end, [1, 2]).accept_token(5)  # answered
+
+
+def test_bound_integers_bounds_only_unbounded_integers_and_only_where_it_narrows():
+    from pagedserve.engine.structured_output import bound_integers
+
+    lo, hi = -(2**63), 2**63 - 1
+    schema = {
+        "type": "object",
+        "properties": {
+            "default": {"type": "integer"},  # a property named like a data keyword
+            "n": {"type": "integer", "minimum": 0},
+            "x": {"type": ["integer", "number"]},  # numbers must not be capped
+            "y": {"type": ["integer", "null"], "default": {"type": "integer"}},
+            "ref": {"$ref": "#/$defs/count"},
+        },
+        "$defs": {"count": {"type": "integer", "exclusiveMaximum": 10}},
+        "not": {"type": "integer"},
+        "enum": [{"type": "integer"}],
+    }
+    out = bound_integers(schema)
+    props = out["properties"]
+    assert props["default"] == {"type": "integer", "minimum": lo, "maximum": hi}
+    assert props["n"] == {"type": "integer", "minimum": 0, "maximum": hi}
+    assert props["x"] == {"type": ["integer", "number"]}
+    assert props["y"] == {"type": ["integer", "null"], "default": {"type": "integer"},
+                          "minimum": lo, "maximum": hi}
+    assert out["$defs"]["count"] == {"type": "integer", "exclusiveMaximum": 10, "minimum": lo}
+    assert out["not"] == {"type": "integer"} and out["enum"] == [{"type": "integer"}]
+    assert schema["properties"]["default"] == {"type": "integer"}  # the input is untouched

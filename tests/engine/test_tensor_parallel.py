@@ -185,7 +185,8 @@ def test_async_engine_notices_a_worker_dying_while_idle(tp_dir):
 
 def test_an_engine_dropped_without_shutdown_frees_its_workers_and_its_group(tp_dir):
     """Garbage collection stops the workers (nothing else holds the executor: not its
-    monitor thread) and destroys the process group, so another TP engine can start."""
+    monitor thread) and destroys the process group, so another TP engine can start; one
+    started beside a live one is refused before it touches the live one's group."""
     import gc
     import weakref
 
@@ -201,6 +202,9 @@ def test_an_engine_dropped_without_shutdown_frees_its_workers_and_its_group(tp_d
     assert not _alive(worker.pid)
     again = LLM(model=str(tp_dir), skip_tokenizer_init=True, tensor_parallel_size=2)
     try:
+        # A second one while this one lives is refused, and leaves this one working.
+        with pytest.raises(RuntimeError, match="already running"):
+            LLM(model=str(tp_dir), skip_tokenizer_init=True, tensor_parallel_size=2)
         assert again.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == expected
     finally:
         again.shutdown()
