@@ -220,6 +220,16 @@ class AsyncEngine:
         return self._tokenizer
 
     @property
+    def dead_reason(self) -> str | None:
+        """Why the engine can serve nothing more (its loop died, or a tensor-parallel
+        worker); None while it can, and after a shutdown asked for."""
+        if self._dead is not None:
+            return repr(self._dead)
+        if not self._closed and not self._thread.is_alive():
+            return "the engine thread exited"
+        return self.engine.failure
+
+    @property
     def is_healthy(self) -> bool:
         return (self._dead is None and not self._closed and self._thread.is_alive()
                 and self.engine.failure is None)

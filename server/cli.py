@@ -229,8 +229,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run()
     except KeyboardInterrupt:  # a second Ctrl-C: uvicorn's forced exit
         pass
-    # As uvicorn.run: a server that never started (say, the port is taken) exits 3.
-    return 0 if server.started else STARTUP_FAILURE
+    # As uvicorn.run: a server that never started (say, the port is taken) exits 3; one
+    # whose engine died exits 1.
+    if not server.started:
+        return STARTUP_FAILURE
+    return 1 if server.engine_died else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ class GracefulServer(uvicorn.Server):
         self.async_engine = async_engine
         self.drain_timeout = drain_timeout
         self._aborting: asyncio.Future | None = None
+        self.engine_died = False  # the server exits because its engine died
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         abort = asyncio.get_running_loop().call_later(self.drain_timeout, self._start_abort)
@@ -47,6 +48,17 @@ class GracefulServer(uvicorn.Server):
         if not self.force_exit:
             # Shut down as asked: exit 0, not by re-raising the signal on ourselves.
             self._captured_signals.clear()
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's tick (every 0.1 s): also, once a second, exit when the engine has died
+        (as vLLM's server does), so that a balancer's passive checks see refused connections
+        and a supervisor restarts the process, instead of a live process answering 503s."""
+        if counter % 10 == 0 and not self.should_exit and not self.engine_died:
+            reason = self.async_engine.dead_reason
+            if reason is not None:
+                logger.error("the engine died (%s): the server exits", reason)
+                self.engine_died, self.should_exit = True, True
+        return await super().on_tick(counter)
 
     def _start_abort(self) -> None:
         self._aborting = asyncio.ensure_future(self._abort_in_flight())  # held: not GC'd

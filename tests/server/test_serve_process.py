@@ -108,3 +108,71 @@ def test_serve_starts_and_stops_on_sigterm():
     assert status == 503, lines
     error = json.loads("".join(lines))["error"]
     assert error["code"] == "server_shutting_down" and error["message"], error
+
+
+def test_serve_exits_when_its_engine_dies(tmp_path):
+    """A tensor-parallel worker killed mid-stream: the stream ends with an error event, and
+    the process exits 1 within seconds (so a balancer's passive checks see refused
+    connections and a supervisor restarts it), leaving no worker behind."""
+    import shutil
+
+    from pagedserve.engine.loader.resolve import resolve_model
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", "llama", vocab_size=49152,
+                             max_position_embeddings=16384)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(resolve_model(None) / name, model / name)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve.server.cli", "serve", str(model), "--port",
+         str(port), "--no-embedding-model", "--kv-cache-memory", str(32 << 20), "-tp", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.2)
+        (worker,) = _spawned_children(proc.pid)
+        body = {"model": str(model), "prompt": "Once", "max_tokens": 16000, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))  # it is running
+            os.kill(worker, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert "error" in json.loads(rest[-2][6:]) and rest[-1] == "data: [DONE]", rest[-3:]
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stdout.read()
+    assert "the engine died" in log, log
+    assert not _spawned_children(proc.pid)
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Live processes spawned (multiprocessing's spawn) by `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+        if ppid == pid and spawned:
+            found.append(int(entry))
+    return found
