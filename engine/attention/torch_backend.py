@@ -44,6 +44,7 @@ class _DecodeBucket:
     # Gather buffers reused by every layer of the step: fresh multi-MB tensors per layer
     # would cost page faults comparable to the copy itself.
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    kv_buffer: torch.Tensor | None = None  # the same for _decode_whole: [2, S * blocks, ...]
     masks: dict = field(default_factory=dict)  # (window, dtype) -> [S, 1, 1, max_ctx]
 
     def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -152,8 +153,11 @@ class TorchAttentionBackend:
         With a sliding_window W, each query sees only its W latest positions.
         A cache of another dtype than q (a bf16 cache beside fp32 activations) is attended in
         its own dtype: the queries are cast, not the whole gathered context."""
-        write_kv_cache(k, v, kv_cache, md.slot_mapping)
         state: _State = md.backend_state
+        if not state.prefills and len(state.decodes) == 1 and state.decodes[0].token_index is None:
+            return _decode_whole(q, k, v, kv_cache, md.slot_mapping, state.decodes[0],
+                                 scale, sliding_window)
+        write_kv_cache(k, v, kv_cache, md.slot_mapping)
         out = torch.empty_like(q)
         cache_dtype = kv_cache.dtype
         for bucket in state.decodes:
@@ -190,6 +194,30 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     slots = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
     slots[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     slots[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def _decode_whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, bucket: _DecodeBucket, scale: float,
+                  sliding_window: int | None) -> torch.Tensor:
+    """forward() of a step that is one decode bucket in batch order (a single stream, a
+    decode-only batch of like contexts): the same arithmetic in half the ops, K and V
+    written and gathered together, no scatter, no GQA reshuffle (one query per sequence)."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
+    cache_dtype = kv_cache.dtype
+    slots = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    slots.index_copy_(1, slot_mapping, torch.stack((k, v)).to(cache_dtype))
+    index = bucket.block_table.view(-1)
+    if bucket.kv_buffer is None:
+        bucket.kv_buffer = kv_cache.new_empty((2, index.numel(), *kv_cache.shape[2:]))
+    kv = torch.index_select(kv_cache, 1, index, out=bucket.kv_buffer)
+    # [2, S, Hkv, ctx, D]: each sequence's context, heads first (a view).
+    kv = kv.view(2, num_seqs, -1, num_kv_heads, head_dim)[:, :, :bucket.max_ctx].transpose(2, 3)
+    # One query a sequence: its G query heads of a KV head are the query rows of that head.
+    query = q.to(cache_dtype).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(query, kv[0], kv[1], scale=scale,
+                                         attn_mask=bucket.mask(sliding_window, cache_dtype))
+    return out.view(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 def _gather_buffers(kv_cache: torch.Tensor, block_table: torch.Tensor):

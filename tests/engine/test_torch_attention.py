@@ -20,15 +20,25 @@ def reference(q, k_ctx, v_ctx, scale):
     return torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
 
 
+# (context already cached, new tokens) of each sequence in the batch.
+BATCHES = {
+    # decodes, fresh prefills, chunks mid-block
+    "mixed": [(0, 7), (10, 1), (37, 1), (3, 1), (0, 1), (5, 9), (120, 1), (13, 3), (64, 1)],
+    # one decode bucket in batch order: the whole-batch path (_decode_whole)
+    "single stream": [(120, 1)],
+    "like decodes": [(40, 1), (41, 1), (46, 1)],
+}
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 1)])
-def test_matches_reference(num_heads, num_kv_heads, cache_dtype):
+def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch):
     """fp32 activations over an fp32 cache, or over a bf16 one (--kv-cache-dtype bfloat16):
     the new K/V are stored rounded, and attention over the cache runs in its dtype."""
     gen = torch.Generator().manual_seed(num_heads * 10 + num_kv_heads)
     head_dim, block_size, num_blocks = 16, 4, 300
-    # (context already cached, new tokens): decodes, fresh prefills, chunks mid-block.
-    seqs = [(0, 7), (10, 1), (37, 1), (3, 1), (0, 1), (5, 9), (120, 1), (13, 3), (64, 1)]
+    seqs = BATCHES[batch]
     kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim,
                            generator=gen).to(cache_dtype)
     perm = torch.randperm(num_blocks, generator=gen).tolist()  # random, large block ids
