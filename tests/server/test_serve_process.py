@@ -24,6 +24,19 @@ def _running(base: str) -> float:
     raise AssertionError("no pagedserve_num_requests_running in /metrics")
 
 
+def _wait_healthy(proc: subprocess.Popen, base: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become healthy"
+        time.sleep(0.2)
+
+
 def test_serve_starts_and_stops_on_sigterm():
     """SIGTERM mid-request: past --shutdown-timeout, every stream still ends with a chunk
     that has a finish_reason, then [DONE] (a Responses stream with response.failed); a
@@ -51,16 +64,7 @@ def test_serve_starts_and_stops_on_sigterm():
     }
     answers: dict[str, tuple[int, list[str]]] = {}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.2)
+        _wait_healthy(proc, base)
 
         def send(name: str, path: str, body: dict) -> None:
             with httpx.stream("POST", base + path, json=body, timeout=60) as response:
@@ -131,16 +135,7 @@ def test_serve_exits_when_its_engine_dies(tmp_path):
         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.2)
+        _wait_healthy(proc, base)
         (worker,) = _spawned_children(proc.pid)
         body = {"model": str(model), "prompt": "Once", "max_tokens": 16000, "ignore_eos": True,
                 "stream": True}
