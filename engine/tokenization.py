@@ -42,7 +42,7 @@ class AsyncTokenizer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
         self.chat_template: str | None = getattr(tokenizer, "chat_template", None)
         self.max_token_chars = max_token_chars(tokenizer)
-        # Special tokens by text (`</think>` -> its id): a plain dict, read on any thread.
+        # Added tokens by text (`</think>` -> its id): a plain dict, read on any thread.
         get_added = getattr(tokenizer, "get_added_vocab", None)
         self.added_vocab: dict[str, int] = dict(get_added()) if get_added else {}
 
