@@ -39,6 +39,18 @@ def use_inductor_cache_dir() -> str:
     return current
 
 
+def _guards_worth_checking(guard_entries) -> list[bool]:
+    """The guards each call checks (dynamo's cache lookup: ~0.2 ms a step for ~200 guards).
+    Left out, as what they check never changes after start-up: the modules
+    (skip_guard_on_all_nn_modules_unsafe), the weights' aliasing (DUPLICATE_INPUT: a tied
+    head's weight stays the embedding's) and the KV caches, allocated once (their block
+    count is already dynamic)."""
+    keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(guard_entries)
+    return [k and entry.guard_type != "DUPLICATE_INPUT"
+            and not (entry.guard_type == "TENSOR_MATCH" and entry.name.startswith("kv_caches"))
+            for k, entry in zip(keep, guard_entries)]
+
+
 class CompiledForward:
     def __init__(self, model, attn_backend, kv_caches: list[torch.Tensor]) -> None:
         use_inductor_cache_dir()
@@ -51,7 +63,7 @@ class CompiledForward:
         # dynamic=None: the first graph is specialised to its row count, a second row count
         # makes the row dimension dynamic (torch.compile's automatic dynamic shapes).
         self._forward = torch.compile(model, fullgraph=True, options={
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            "guard_filter_fn": _guards_worth_checking})
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  md: AttentionMetadata) -> torch.Tensor:
