@@ -1,8 +1,10 @@
 """The CPU counterpart of cuda_graph.py: the model's forward under torch.compile (inductor's
 C++ backend), so that a decode step's hundreds of small eager ops (norms, rotary, SiLU,
-residual adds, casts) run as a few fused loops. Attention stays eager, as one opaque op per
-layer (torch.ops.pagedserve.paged_attention, engine/attention) that reads the step's
-metadata from the step in progress.
+residual adds, casts) run as a few fused loops. A one-token step (a single stream's decode)
+attends inside the graph too, its context's cache slots a graph input (attention.
+SingleDecode). Other steps attend eagerly, through one opaque op per layer
+(torch.ops.pagedserve.paged_attention, engine/attention) that reads the step's metadata
+from the step in progress.
 
 Graphs are specialised by row count the way the layers branch on it: one for a single row,
 one dynamic graph for 2..PACKED_MAX_ROWS rows (the packed int4/int8 kernels), one for more
@@ -17,7 +19,8 @@ import time
 
 import torch
 
-from pagedserve.engine.attention import AttentionMetadata, compiled_step
+from pagedserve.engine.attention import AttentionMetadata, SingleDecode, compiled_step
+from pagedserve.engine.attention.torch_backend import single_decode
 from pagedserve.engine.loader.resolve import pagedserve_cache_dir
 from pagedserve.engine.models.quantized import PACKED_MAX_ROWS
 
@@ -54,11 +57,16 @@ def _guards_worth_checking(guard_entries) -> list[bool]:
 class CompiledForward:
     def __init__(self, model, attn_backend, kv_caches: list[torch.Tensor]) -> None:
         use_inductor_cache_dir()
+        self.model = model
         self.attn_backend = attn_backend
         self.kv_caches = kv_caches
+        # A sliding window would cut the context at a length the graph would branch on:
+        # models with one attend through the opaque op in every step.
+        self.attend_in_graph = all(getattr(m, "sliding_window", None) is None
+                                   for m in model.modules())
         for cache in kv_caches:
-            # Only the opaque attention op reads the cache: its block count needn't be baked
-            # in, and engines with caches of other sizes then share the compiled code.
+            # Its block count is not baked in: engines with caches of other sizes then share
+            # the compiled code.
             torch._dynamo.mark_dynamic(cache, 1)
         # dynamic=None: the first graph is specialised to its row count, a second row count
         # makes the row dimension dynamic (torch.compile's automatic dynamic shapes).
@@ -67,7 +75,16 @@ class CompiledForward:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  md: AttentionMetadata) -> torch.Tensor:
-        """The model's hidden states for the step md describes (prepared by the backend)."""
+        """The model's hidden states for the step md describes."""
+        if md.num_tokens == 1 and self.attend_in_graph:
+            if md.seq_lens_cpu[0] > 1:
+                return self._forward(input_ids, positions, self.kv_caches,
+                                     single_decode(md, self.kv_caches[0].shape[1]))
+            # A one-token prompt: a context of one would need a graph of its own
+            # (torch.compile specialises sizes 0 and 1). Rare enough to run eagerly.
+            self.attn_backend.prepare(md)
+            return self.model(input_ids, positions, self.kv_caches, md)
+        self.attn_backend.prepare(md)
         with compiled_step(self.attn_backend, md):
             return self._forward(input_ids, positions, self.kv_caches, None)
 
@@ -82,6 +99,16 @@ class CompiledForward:
             logger.warning("Compiling the CPU forward (%d/%d, %d rows; cached for the next "
                            "start; --enforce-eager skips this)", i + 1, len(sizes), num_tokens)
             input_ids, positions, md = dummy_step(num_tokens)
-            self.attn_backend.prepare(md)
-            self(input_ids, positions, md)
+            if num_tokens == 1 and self.attend_in_graph:
+                self._warm_up_single(input_ids, positions, md)
+            else:
+                self(input_ids, positions, md)
         logger.warning("Compiled the CPU forward in %.1fs", time.perf_counter() - start)
+
+    def _warm_up_single(self, input_ids, positions, md: AttentionMetadata) -> None:
+        """The one-token graph, over a dummy context of two slots (the dummy prefill's own
+        and the next), its length dynamic from the start: decodes then never recompile."""
+        rows, _ = single_decode(md, self.kv_caches[0].shape[1])
+        decode = SingleDecode(rows, torch.cat((md.slot_mapping, md.slot_mapping + 1)))
+        torch._dynamo.mark_dynamic(decode.context_slots, 0)
+        self._forward(input_ids, positions + 1, self.kv_caches, decode)

@@ -472,9 +472,11 @@ class ModelRunner:
         if graphs is not None and md.max_query_len == 1 and md.num_tokens <= graphs.max_batch_size:
             hidden = graphs.run(input_ids, positions, md)
         else:
-            self.attn_backend.prepare(md)
-            hidden = (self.compiled(input_ids, positions, md) if self.compiled is not None
-                      else self.model(input_ids, positions, self.kv_caches, md))
+            if self.compiled is not None:
+                hidden = self.compiled(input_ids, positions, md)
+            else:
+                self.attn_backend.prepare(md)
+                hidden = self.model(input_ids, positions, self.kv_caches, md)
         # Grammar masks are filled on the CPU after the forward is queued, so that on a GPU
         # the two overlap (on a CPU the forward has already run: nothing to overlap).
         bitmask = (grammar_bitmask(step.sample_request_ids)

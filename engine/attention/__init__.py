@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -29,6 +30,16 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     backend_state: object = None  # whatever the backend precomputes once per step
+
+
+class SingleDecode(NamedTuple):
+    """A one-token step's attention inputs as tensors, so that a compiled graph takes them
+    as inputs and attends inside the graph (engine/compiled.py)."""
+
+    # [2] int64: the new token's rows in a cache viewed as [2 * slots, Hkv, D] (its key's
+    # slot, then its value's, one cache's worth of slots further)
+    write_rows: torch.Tensor
+    context_slots: torch.Tensor  # [context length] int64: its context's slots, itself last
 
 
 def get_attention_backend(name: str, num_heads: int, num_kv_heads: int):
@@ -82,9 +93,17 @@ def _(q, k, v, kv_cache, scale, sliding_window):
 
 
 def attend(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-           md: AttentionMetadata | None, scale: float, sliding_window: int | None):
-    """A layer's attention: through the backend with the step's metadata md, or, with md
-    None (inside a compiled forward), through the opaque paged_attention op."""
+           md: AttentionMetadata | SingleDecode | None, scale: float,
+           sliding_window: int | None):
+    """A layer's attention: through the backend with the step's metadata md; inside a
+    compiled forward, with md None, through the opaque paged_attention op, or, for a
+    one-token step (md a SingleDecode; not with a sliding window), in the graph itself."""
     if md is None:
         return torch.ops.pagedserve.paged_attention(q, k, v, kv_cache, scale, sliding_window)
+    if isinstance(md, SingleDecode):
+        return attend_single(q, k, v, kv_cache, md, scale)
     return backend.forward(q, k, v, kv_cache, md, scale, sliding_window)
+
+
+# Last: the torch backend imports this module's AttentionMetadata.
+from pagedserve.engine.attention.torch_backend import attend_single  # noqa: E402

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pagedserve.engine.attention import AttentionMetadata
+from pagedserve.engine.attention import AttentionMetadata, SingleDecode
 
 # A decode bucket grows while its longest context is at most this factor of its shortest:
 # bounds padding waste at ~1/3 of the gathered context, with only a handful of buckets.
@@ -218,6 +218,34 @@ def _decode_whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     out = F.scaled_dot_product_attention(query, kv[0], kv[1], scale=scale,
                                          attn_mask=bucket.mask(sliding_window, cache_dtype))
     return out.view(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def single_decode(md: AttentionMetadata, num_cache_blocks: int) -> SingleDecode:
+    """attend_single's inputs for the one-token step md, over caches of num_cache_blocks."""
+    bs, ctx = md.block_size, md.seq_lens_cpu[0]
+    blocks = md.block_table[0, :-(-ctx // bs)].long()
+    context = (blocks[:, None] * bs + torch.arange(bs, device=blocks.device)).view(-1)[:ctx]
+    slot = md.slot_mapping
+    return SingleDecode(torch.cat((slot, slot + num_cache_blocks * bs)), context)
+
+
+def attend_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                  decode: SingleDecode, scale: float) -> torch.Tensor:
+    """A one-token step's attention in ops a compiled graph can hold (inductor fuses the
+    cache write and the gather into one loop): q [1, H, D] over its context's slots, its
+    own last, straight from the cache. The query sees its whole context: no mask."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_slots = num_blocks * block_size
+    rows = kv_cache.view(2 * num_slots, num_kv_heads, head_dim)
+    rows.index_put_((decode.write_rows,), torch.cat((k, v)).to(kv_cache.dtype))
+    # [2, 1, Hkv, ctx, D]: keys and values of the context, heads first.
+    kv = rows.view(2, num_slots, num_kv_heads, head_dim).index_select(
+        1, decode.context_slots).transpose(1, 2)[:, None]
+    num_heads = q.shape[1]
+    # One query: its G query heads of a KV head are the query rows of that head.
+    query = q.to(kv_cache.dtype).view(1, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(query, kv[0], kv[1], scale=scale)
+    return out.reshape(1, num_heads, head_dim).to(q.dtype)
 
 
 def _gather_buffers(kv_cache: torch.Tensor, block_table: torch.Tensor):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.engine.attention import AttentionMetadata, attend
+from pagedserve.engine.attention import AttentionMetadata, SingleDecode, attend
 from pagedserve.engine.distributed import SINGLE, TensorParallel, shard_checkpoint_tensor
 from pagedserve.engine.models.mkl_packed import pack_linears, pack_weight, packed_linear
 from pagedserve.engine.models.quantized import RefinedHead, quantize_linear
@@ -151,7 +151,7 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor,
-                md: AttentionMetadata | None) -> torch.Tensor:
+                md: AttentionMetadata | SingleDecode | None) -> torch.Tensor:
         num_tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -262,9 +262,11 @@ class LlamaForCausalLM(nn.Module):
                                      bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], md: AttentionMetadata | None) -> torch.Tensor:
+                kv_caches: list[torch.Tensor],
+                md: AttentionMetadata | SingleDecode | None) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden].
-        md None: the metadata of the compiled step in progress (attention.compiled_step)."""
+        md None: the metadata of the compiled step in progress (attention.compiled_step);
+        a SingleDecode: a one-token step attending inside the compiled graph."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
         residual = None

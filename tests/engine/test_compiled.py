@@ -33,9 +33,10 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def test_the_compiled_forward_matches_the_eager_one(q4_1_gguf):
-    """One prompt (the 1-row graph), 5 (the dynamic graph up to PACKED_MAX_ROWS rows) and
-    12 (the one beyond, also every prefill): the same greedy tokens, except where the eager
-    path's two best tokens are a near tie, and close logprobs."""
+    """One prompt (the 1-row graph, attention inside it), 5 (the dynamic graph up to
+    PACKED_MAX_ROWS rows) and 12 (the one beyond, also every prefill): the same greedy
+    tokens, except where the eager path's two best tokens are a near tie, and close
+    logprobs."""
     compiled, eager = _engine(q4_1_gguf), _engine(q4_1_gguf, enforce_eager=True)
     assert compiled.llm_engine.model_runner.compiled is not None
     assert eager.llm_engine.model_runner.compiled is None
@@ -43,9 +44,10 @@ def test_the_compiled_forward_matches_the_eager_one(q4_1_gguf):
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=2, prompt_logprobs=0,
                             ignore_eos=True)
     prompts = [{"prompt_token_ids": [1, *range(10 + 7 * i, 30 + 11 * i)]} for i in range(12)]
-    for count in (1, 5, 12):
-        ours = compiled.generate(prompts[:count], params, use_tqdm=False)
-        ref = eager.generate(prompts[:count], params, use_tqdm=False)
+    # A one-token prompt: its prefill is a one-token step with no context (run eagerly).
+    for batch in (prompts[:1], [{"prompt_token_ids": [7]}], prompts[:5], prompts):
+        ours = compiled.generate(batch, params, use_tqdm=False)
+        ref = eager.generate(batch, params, use_tqdm=False)
         for a, b in zip(ours, ref):
             prompt_a = [next(iter(e.values())).logprob for e in a.prompt_logprobs[1:]]
             prompt_b = [next(iter(e.values())).logprob for e in b.prompt_logprobs[1:]]
@@ -55,7 +57,7 @@ def test_the_compiled_forward_matches_the_eager_one(q4_1_gguf):
             if agree is not None:
                 top2 = sorted((e.logprob for e in b.outputs[0].logprobs[agree].values()),
                               reverse=True)[:2]
-                assert top2[0] - top2[1] < 0.05, (count, tokens_a, tokens_b)
+                assert top2[0] - top2[1] < 0.05, (len(batch), tokens_a, tokens_b)
             else:
                 agree = len(tokens_b)
             logprobs_a = [a.outputs[0].logprobs[i][t].logprob for i, t in

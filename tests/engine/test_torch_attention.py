@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from pagedserve.engine.attention import AttentionMetadata
-from pagedserve.engine.attention.torch_backend import TorchAttentionBackend
+from pagedserve.engine.attention.torch_backend import (
+    TorchAttentionBackend,
+    attend_single,
+    single_decode,
+)
 from pagedserve.engine.models.mkl_packed import mkl_packing_available, pack_weight, packed_linear
 
 
@@ -27,6 +31,7 @@ BATCHES = {
     # one decode bucket in batch order: the whole-batch path (_decode_whole)
     "single stream": [(120, 1)],
     "like decodes": [(40, 1), (41, 1), (46, 1)],
+    "single stream, block boundary": [(63, 1)],  # its token fills the block's last slot
 }
 
 
@@ -72,7 +77,14 @@ def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch):
     backend = TorchAttentionBackend(num_heads, num_kv_heads)
     backend.prepare(md)
     scale = head_dim**-0.5
+    before = kv_cache.clone()
     out = backend.forward(q, k, v, kv_cache, md, scale)
+    if num_tokens == 1:
+        # The compiled forward's one-token attention (in its graph; here eagerly): the same
+        # cache write, the same result.
+        own = attend_single(q, k, v, before, single_decode(md, num_blocks), scale)
+        assert torch.equal(before, kv_cache)
+        torch.testing.assert_close(own, out, atol=1e-5, rtol=1e-5)
 
     for i, (cached, new) in enumerate(seqs):
         # The context as the cache holds it after the write (the backend wrote k/v).
