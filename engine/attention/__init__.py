@@ -101,6 +101,8 @@ def attend(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if md is None:
         return torch.ops.pagedserve.paged_attention(q, k, v, kv_cache, scale, sliding_window)
     if isinstance(md, SingleDecode):
+        if sliding_window is not None:  # a Python constant while tracing: no cost per step
+            raise ValueError("a SingleDecode attends over the whole context: no sliding window")
         return attend_single(q, k, v, kv_cache, md, scale)
     return backend.forward(q, k, v, kv_cache, md, scale, sliding_window)
 
