@@ -5,6 +5,7 @@ never rebuilt, so preparing a step costs O(batch), not O(batch x context)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -51,6 +52,16 @@ class StepInputs:
     prompt_logprobs: list[tuple[CachedRequestState, int, int, int]]
 
 
+@dataclass(slots=True)
+class Reservation:
+    """Where a launched step's sampled tokens go once they are on the host."""
+
+    req_ids: list[str]  # the requests that sample, batch order
+    rows: np.ndarray  # [B] their rows at launch
+    positions: np.ndarray  # [B] each one's token index in its row
+    layout: int  # InputBatch.layout at launch: while unchanged, `rows` still hold them
+
+
 class InputBatch:
     def __init__(self, max_num_reqs: int, max_model_len: int, block_size: int,
                  vocab_size: int, device: torch.device) -> None:
@@ -60,6 +71,7 @@ class InputBatch:
         self.vocab_size = vocab_size
         self.device = device
         self.req_ids: list[str | None] = []  # by row; None marks a hole until condensed
+        self.layout = 0  # bumped whenever a row changes hands (add, remove, condense)
         self.req_id_to_index: dict[str, int] = {}
         self.states: list[CachedRequestState | None] = []
         max_blocks = -(-max_model_len // block_size)
@@ -104,6 +116,7 @@ class InputBatch:
             self.states.append(None)
         self.req_ids[row], self.states[row] = state.request_id, state
         self.req_id_to_index[state.request_id] = row
+        self.layout += 1
         prompt, output = state.prompt_token_ids, state.output_token_ids
         num_tokens = len(prompt) + len(output)
         self.token_ids[row, :len(prompt)] = prompt
@@ -164,6 +177,7 @@ class InputBatch:
             state.output_token_ids = self.token_ids[
                 row, self.num_prompt_tokens[row]:self.num_tokens[row]].tolist()
         self.req_ids[row] = self.states[row] = None
+        self.layout += 1
         s = self.sampling
         for table in (s.generators, s.logit_bias, s.blocked_stop_ids, self.min_tokens):
             table.pop(row, None)
@@ -191,6 +205,7 @@ class InputBatch:
         request_id = self.req_ids[src]
         self.req_ids[dst], self.states[dst] = request_id, self.states[src]
         self.req_id_to_index[request_id] = dst
+        self.layout += 1
         n, nb = self.num_tokens[src], self.num_blocks[src]
         self.token_ids[dst, :n] = self.token_ids[src, :n]
         self.block_table[dst, :nb] = self.block_table[src, :nb]
@@ -214,12 +229,12 @@ class InputBatch:
     # ---- one step -------------------------------------------------------------------
     def prepare(self, num_scheduled_tokens: dict[str, int]) -> StepInputs:
         """The flat varlen batch of the scheduled requests' new tokens, in row order."""
-        index = self.req_id_to_index
-        rows = np.fromiter((index[r] for r in num_scheduled_tokens), dtype=np.int64,
-                           count=len(num_scheduled_tokens))
+        rows = np.fromiter(map(self.req_id_to_index.__getitem__, num_scheduled_tokens),
+                           dtype=np.int64, count=len(num_scheduled_tokens))
         n = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(rows))
         order = np.argsort(rows)
-        rows, n = rows[order], n[order]
+        if (np.diff(order) != 1).any():  # scheduled in another order than the rows'
+            rows, n = rows[order], n[order]
         contiguous = rows[-1] == len(rows) - 1  # rows 0..S-1: views instead of gathers
         pick = (lambda a: a[:len(rows)]) if contiguous else (lambda a: a[rows])
 
@@ -261,7 +276,8 @@ class InputBatch:
             block_table=block_table,
             logits_indices=cu[samples] - 1,
             sample_rows=sample_rows,
-            sample_request_ids=[self.req_ids[r] for r in sample_rows],
+            sample_request_ids=(self.req_ids[:len(rows)] if contiguous and samples.all()
+                                else list(map(self.req_ids.__getitem__, sample_rows.tolist()))),
             prompt_logprobs=prompt_logprobs,
         )
 
@@ -293,36 +309,41 @@ class InputBatch:
         index = host_to_device(rows[positions], self.device)
         return positions, self.output_counts[index], self.prompt_mask[index]
 
-    def reserve_sampled(self, rows: np.ndarray) -> np.ndarray:
-        """Make room for each row's token being sampled; returns where each goes."""
+    def reserve_sampled(self, rows: np.ndarray, req_ids: list[str]) -> Reservation:
+        """Make room for each row's token being sampled (`req_ids`: the rows' requests)."""
         ends = self.num_tokens[rows]
         self.num_tokens[rows] = ends + 1
-        return ends
+        return Reservation(req_ids, rows, ends, self.layout)
 
-    def record_sampled(self, req_ids: list[str], positions: np.ndarray, token_ids: list[int],
+    def record_sampled(self, reserved: Reservation, token_ids: list[int],
                        states: dict[str, CachedRequestState]) -> None:
         """Write sampled tokens where reserve_sampled put them: into the request's row, or
         into its state if it was preempted since (finished ones are dropped)."""
-        rows = self._rows_of(req_ids)
-        here = rows >= 0
+        rows, positions = self._rows_of(reserved), reserved.positions
         tokens = np.asarray(token_ids, dtype=np.int32)
+        if rows is reserved.rows:  # every one still in its row (most steps)
+            self.token_ids[rows, positions] = tokens
+            return
+        here = rows >= 0
         self.token_ids[rows[here], positions[here]] = tokens[here]
         for i in np.flatnonzero(~here):
-            state = states.get(req_ids[i])
+            state = states.get(reserved.req_ids[i])
             if state is not None:
                 state.output_token_ids[positions[i] - len(state.prompt_token_ids)] = token_ids[i]
 
-    def _rows_of(self, req_ids: list[str]) -> np.ndarray:
-        """Each request's row, -1 for one without a row (preempted or finished)."""
-        index = self.req_id_to_index
-        return np.fromiter((index.get(r, -1) for r in req_ids), dtype=np.int64,
-                           count=len(req_ids))
+    def _rows_of(self, reserved: Reservation) -> np.ndarray:
+        """Each reserved request's row now, -1 for one without a row (preempted or
+        finished): the reserved rows themselves while no row has changed hands since."""
+        if reserved.layout == self.layout:
+            return reserved.rows
+        return np.fromiter(map(self.req_id_to_index.get, reserved.req_ids, repeat(-1)),
+                           dtype=np.int64, count=len(reserved.req_ids))
 
-    def in_flight_inputs(self, step: StepInputs, req_ids: list[str],
-                         positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Of the tokens still being sampled for `req_ids` at `positions`, those this step
-        takes as inputs: (their flat indices in the step, their indices in req_ids)."""
-        rows = self._rows_of(req_ids)
+    def in_flight_inputs(self, step: StepInputs, reserved: Reservation
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Of the tokens still being sampled into `reserved`, those this step takes as
+        inputs: (their flat indices in the step, their indices in the reservation)."""
+        rows, positions = self._rows_of(reserved), reserved.positions
         step_index = np.full(self.max_num_reqs + 1, -1)  # row -> its place in the step
         step_index[step.rows] = np.arange(len(step.rows))
         i = step_index[rows]  # a request with no row (-1) reads the last entry: -1

@@ -204,17 +204,20 @@ class KVCacheManager:
         (and past `new_computed_blocks`, prefix hits found at admission). Returns the newly
         allocated blocks, or None, changing nothing, when the pool cannot supply them."""
         blocks = self.req_to_blocks.get(request.request_id)
+        bs = self.block_size
+        if blocks is not None and not new_computed_blocks:
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(blocks) * bs:
+                # Most decode steps: the blocks held have room (publish one just filled).
+                if self.enable_caching and num_tokens // bs > self.req_to_num_cached_blocks.get(
+                        request.request_id, 0):
+                    self._cache_full_blocks(request, blocks, num_tokens)
+                return []
         if blocks is None:
             blocks = self.req_to_blocks[request.request_id] = []
-        bs = self.block_size
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * bs
         num_tokens = num_computed + num_new_tokens
         num_new_blocks = -(-num_tokens // bs) - len(blocks) - len(new_computed_blocks)
-        if num_new_blocks <= 0 and not new_computed_blocks:
-            # Most decode steps: the blocks held have room.
-            if self.enable_caching:
-                self._cache_full_blocks(request, blocks, num_tokens)
-            return []
         # Hits on free blocks take them off the free queue, so they are not spare capacity.
         num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks > self.block_pool.num_free_blocks - num_evictable_hits:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,14 +37,7 @@ class _UserRequest:
     prompt_token_ids: list[int]
     children: list[Request]
     output_kind: RequestOutputKind
-    # Delta outputs: what each child has been sent, and whether prompt logprobs went out.
-    num_sent_tokens: list[int] = field(default_factory=list)
-    finish_sent: list[bool] = field(default_factory=list)
-    prompt_logprobs_sent: bool = False
-
-    def __post_init__(self) -> None:
-        self.num_sent_tokens = [0] * len(self.children)
-        self.finish_sent = [False] * len(self.children)
+    prompt_logprobs_sent: bool = False  # delta outputs: sent with the first one
 
 
 @dataclass(slots=True)
@@ -406,30 +399,32 @@ class LLMEngine:
         result = self.model_runner.collect(handle)
         if self.executor.failure is not None:  # a worker died mid-step: its tokens are noise
             raise RuntimeError(f"the tensor-parallel executor failed: {self.executor.failure}")
-        outputs = []
-        for parent in self._process_outputs(result):
-            children = parent.children
-            if len(children) == 1:
-                finished = children[0].is_finished  # a failed one too
-            else:
-                if any(c.error for c in children):
-                    # A failed sequence fails its whole user request (its siblings too).
-                    self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
-                finished = all(c.is_finished for c in children)
-            output = self._make_output(parent, finished)
-            if output is not None:
-                outputs.append(output)
-            if finished:
-                self._forget(parent)
+        outputs: list[RequestOutput] = []
+        for parent in self._process_outputs(result, outputs):
+            children = parent.children  # n > 1: its output waits for all its sequences
+            if any(c.error for c in children):
+                # A failed sequence fails its whole user request (its siblings too).
+                self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+            self._emit(parent, all(c.is_finished for c in children), outputs)
         return outputs
+
+    def _emit(self, parent: _UserRequest, finished: bool, outputs: list[RequestOutput]) -> None:
+        output = self._make_output(parent, finished)
+        if output is not None:
+            outputs.append(output)
+        if finished:
+            self._forget(parent)
 
     def _grammar_bitmask(self, request_ids: list[str]):
         return self.structured_output.fill_bitmask(
             [self._requests[i].grammar for i in request_ids])
 
-    def _process_outputs(self, result: ModelRunnerOutput) -> Iterable[_UserRequest]:
-        """Append the sampled tokens and check for stops; returns the user requests touched.
-        Results for sequences that stopped meanwhile (async scheduling) are dropped."""
+    def _process_outputs(self, result: ModelRunnerOutput, outputs: list[RequestOutput]
+                         ) -> Iterable[_UserRequest]:
+        """Append the sampled tokens and check for stops, in one pass that also appends the
+        outputs of single-sequence requests to `outputs`; returns the user requests of n > 1
+        touched, whose outputs wait for all their sequences. Results for sequences that
+        stopped meanwhile (async scheduling) are dropped."""
         requests = self._requests
         touched: dict[str, _UserRequest] = {}  # by user request id, in batch order
         for req_id, chunk in result.prompt_logprobs.items():
@@ -446,7 +441,6 @@ class LLMEngine:
                                                       chunk.topk_logprobs[j]), start=1):
                     entry.setdefault(tid, Logprob(tlp, rank, self._token_text(req, tid)))
                 req.prompt_logprobs.append(entry)
-        finished: list[tuple[Request, RequestStatus]] = []
         parent_of = self._parent_of
         with_logprobs = result.sampled_logprobs is not None
         for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
@@ -454,7 +448,6 @@ class LLMEngine:
             if req is None or req.is_finished:
                 continue
             parent = parent_of[req_id]
-            touched[parent.request_id] = parent
             try:
                 req.append_token(token_id)
                 if req.grammar is not None and not req.grammar.accept_token(token_id):
@@ -467,10 +460,12 @@ class LLMEngine:
                 req.error = f"{type(exc).__name__}: {exc}"
                 status = RequestStatus.FINISHED_ERROR
             if status is not None:
-                finished.append((req, status))
-        for req, status in finished:
-            self.scheduler.finish_requests([req], status)
-            self._drop_grammar(req)
+                self.scheduler.finish_requests([req], status)
+                self._drop_grammar(req)
+            if len(parent.children) == 1:
+                self._emit(parent, status is not None, outputs)
+            else:
+                touched[parent.request_id] = parent
         return touched.values()
 
     def _drop_grammar(self, req: Request) -> None:
@@ -505,21 +500,22 @@ class LLMEngine:
         return text
 
     def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
-        params = req.sampling_params
         status = None
         stop_terminated = False
+        num_output_tokens = len(req.all_token_ids) - req.num_prompt_tokens
         # A terminated grammar has just accepted one of its stop tokens: the structure is
         # complete. Its stop tokens are the request's, or the EOS ids under ignore_eos.
-        grammar_done = req.grammar is not None and req.grammar.is_terminated()
-        if grammar_done or (token_id in params.all_stop_token_ids
-                            and req.num_output_tokens >= params.min_tokens):
+        if ((req.grammar is not None and req.grammar.is_terminated())
+                or (token_id in req.stop_token_ids
+                    and num_output_tokens >= req.sampling_params.min_tokens)):
             status, stop_terminated = RequestStatus.FINISHED_STOPPED, True
-            req.stop_reason = token_id if token_id in params.stop_token_ids else None
+            req.stop_reason = (token_id if token_id in req.sampling_params.stop_token_ids
+                               else None)
         if req.detokenizer is not None:
             stop_str = req.detokenizer.update([token_id], stop_terminated)
             if stop_str is not None and status is None:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-        if status is None and req.num_output_tokens >= req.max_tokens:
+        if status is None and num_output_tokens >= req.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         return status
 
@@ -529,8 +525,12 @@ class LLMEngine:
         kind, children = parent.output_kind, parent.children
         first = children[0]
         if kind is RequestOutputKind.DELTA:
-            completions = [c for i, req in enumerate(children)
-                           if (c := self._delta_completion(parent, i, req)) is not None]
+            if len(children) == 1:  # most requests: no list to filter
+                completion = self._delta_completion(0, first)
+                completions = [completion] if completion is not None else None
+            else:
+                completions = [c for i, req in enumerate(children)
+                               if (c := self._delta_completion(i, req)) is not None]
             if not completions:
                 return None
             prompt_logprobs = None if parent.prompt_logprobs_sent else first.prompt_logprobs
@@ -566,25 +566,23 @@ class LLMEngine:
             stop_reason=req.stop_reason,
         )
 
-    def _delta_completion(self, parent: _UserRequest, index: int,
-                          req: Request) -> CompletionOutput | None:
+    def _delta_completion(self, index: int, req: Request) -> CompletionOutput | None:
         """What is new in child `index` since its last output: O(new), not O(all)."""
-        if parent.finish_sent[index]:
+        if req.finish_sent:
             return None
         finished = req.is_finished
-        sent, num_tokens = parent.num_sent_tokens[index], len(req.all_token_ids)
         text = ""
         if req.detokenizer is not None and req.error is None:
             text = req.detokenizer.get_next_output_text(finished, delta=True)
-        num_prompt = len(req.prompt_token_ids)
-        start = num_prompt + sent
-        if not finished and not text and start == num_tokens:
+        tokens, sent = req.all_token_ids, req.num_sent_tokens
+        start = req.num_prompt_tokens + sent
+        if not finished and not text and start == len(tokens):
             return None
-        parent.num_sent_tokens[index] = num_tokens - num_prompt
-        parent.finish_sent[index] = finished
+        req.num_sent_tokens = len(tokens) - req.num_prompt_tokens
+        req.finish_sent = finished
         logprobs = req.logprobs
         return CompletionOutput(
-            index, text, req.all_token_ids[start:],
+            index, text, tokens[start:],
             None if logprobs is None else req.cumulative_logprob,
             None if logprobs is None else logprobs[sent:],
             FINISH_REASONS.get(req.status) if finished else None, req.stop_reason)

@@ -24,7 +24,12 @@ from pagedserve.engine.compiled import CompiledForward
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cuda_graph import CudaGraphRunner
 from pagedserve.engine.distributed import SINGLE, TensorParallel
-from pagedserve.engine.input_batch import CachedRequestState, InputBatch, StepInputs
+from pagedserve.engine.input_batch import (
+    CachedRequestState,
+    InputBatch,
+    Reservation,
+    StepInputs,
+)
 from pagedserve.engine.loader.gguf import TENSOR_TYPES_FILE
 from pagedserve.engine.loader.weights import init_dummy_weights, iterate_safetensors
 from pagedserve.engine.models import get_model_class
@@ -97,7 +102,7 @@ class StepHandle:
     device, and the runner feeds them to the next step from there."""
 
     req_ids: list[str] = field(default_factory=list)  # requests that sample, batch order
-    positions: np.ndarray | None = None  # where each one's sampled token goes in its tokens
+    reserved: Reservation | None = None  # where their sampled tokens go in the input batch
     sampled: torch.Tensor | None = None  # [B] int64, on the device
     results: _HostCopy | None = None  # sampled ids, then logprobs, top-k ids and logprobs
     prompt_logprobs: list[tuple[str, int, _HostCopy]] = field(default_factory=list)
@@ -410,16 +415,22 @@ class ModelRunner:
             self.requests[new.request_id] = state
             batch.add(state, new.num_computed_tokens, new.block_ids)
         cached = so.scheduled_cached_reqs
-        for request_id, resumed, new_block_ids, num_computed in zip(
-                cached.request_ids, cached.resumed_from_preemption, cached.new_block_ids,
-                cached.num_computed_tokens):
-            if resumed:
-                batch.add(self.requests[request_id], num_computed, new_block_ids)
-                continue
-            row = batch.req_id_to_index[request_id]
-            batch.num_computed_tokens[row] = num_computed
-            if new_block_ids:
-                batch.append_blocks(row, new_block_ids)
+        if any(cached.resumed_from_preemption):
+            for request_id, resumed, new_block_ids, num_computed in zip(
+                    cached.request_ids, cached.resumed_from_preemption, cached.new_block_ids,
+                    cached.num_computed_tokens):
+                if resumed:
+                    batch.add(self.requests[request_id], num_computed, new_block_ids)
+        # Running ones (the resumed too, harmlessly: add() set the same count), at once.
+        count = len(cached.request_ids)
+        rows = np.fromiter(map(batch.req_id_to_index.__getitem__, cached.request_ids),
+                           dtype=np.int64, count=count)
+        batch.num_computed_tokens[rows] = cached.num_computed_tokens
+        # New blocks: a few requests a step (one in block_size decode steps each).
+        grew = np.fromiter(map(len, cached.new_block_ids), dtype=np.int64, count=count)
+        for i in np.flatnonzero(grew).tolist():
+            if not cached.resumed_from_preemption[i]:
+                batch.append_blocks(int(rows[i]), cached.new_block_ids[i])
         if so.finished_request_ids or so.preempted_request_ids:
             batch.condense()
 
@@ -503,7 +514,7 @@ class ModelRunner:
         self.tp.broadcast(sampled)
         batch.count_sampled(step.sample_rows, penalised, sampled)
         handle.req_ids = step.sample_request_ids
-        handle.positions = batch.reserve_sampled(step.sample_rows)
+        handle.reserved = batch.reserve_sampled(step.sample_rows, step.sample_request_ids)
         handle.sampled = sampled
         tensors = [sampled]
         if result is not None and result.logprobs is not None:
@@ -542,15 +553,15 @@ class ModelRunner:
             if handle.output is None:
                 pending.append(handle)
             else:
-                self.input_batch.record_sampled(handle.req_ids, handle.positions,
-                                                handle.output.sampled_token_ids, self.requests)
+                self.input_batch.record_sampled(handle.reserved, handle.output.sampled_token_ids,
+                                                self.requests)
         self._unrecorded = pending
 
     def _feed_in_flight(self, step: StepInputs, input_ids: torch.Tensor) -> None:
         """Input tokens still being sampled by an uncollected step: copy them in on the
         device, where the step that samples them leaves them."""
         for handle in self._unrecorded:
-            dst, src = self.input_batch.in_flight_inputs(step, handle.req_ids, handle.positions)
+            dst, src = self.input_batch.in_flight_inputs(step, handle.reserved)
             if len(dst):
                 input_ids[self._to_device(dst)] = handle.sampled[self._to_device(src)]
 

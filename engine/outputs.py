@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Logprob(float):
@@ -48,7 +48,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] | None = None  # none are kept yet (vLLM's RequestMetrics)
     error: str | None = None  # set when the request failed inside the engine
 
 

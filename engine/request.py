@@ -43,11 +43,14 @@ class Request:
     """A single sequence, as the scheduler and the engine's output processing see it (the
     model runner never does: it gets plain data). A user request with n > 1 becomes n."""
 
+    # Slots lie in this order in memory: what every step reads of every running sequence
+    # comes first, so a step touches two cache lines of it rather than four.
     __slots__ = (
-        "request_id", "prompt_token_ids", "sampling_params", "arrival_time", "max_tokens",
-        "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status", "detokenizer",
-        "logprobs", "cumulative_logprob", "prompt_logprobs", "stop_reason", "num_preemptions",
-        "error", "grammar", "num_output_placeholders",
+        "request_id", "all_token_ids", "num_prompt_tokens", "num_computed_tokens",
+        "num_output_placeholders", "max_tokens", "status", "stop_token_ids", "detokenizer",
+        "grammar", "logprobs", "error", "num_sent_tokens", "finish_sent",
+        "prompt_token_ids", "sampling_params", "arrival_time", "num_cached_tokens",
+        "cumulative_logprob", "prompt_logprobs", "stop_reason", "num_preemptions",
     )
 
     def __init__(
@@ -64,6 +67,8 @@ class Request:
         self.max_tokens = max_tokens  # resolved against max_model_len by the engine
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.all_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.stop_token_ids = sampling_params.all_stop_token_ids
         self.num_computed_tokens = 0  # advanced when scheduled, for the step being computed
         # Tokens being sampled by scheduled steps whose output has not been appended yet: one
         # between schedule and output, two while async scheduling runs a step ahead.
@@ -84,10 +89,10 @@ class Request:
         # Guided decoding: at the state after the output tokens so far (the engine advances
         # it with each sampled token); None for unguided requests and once finished.
         self.grammar: xgrammar.GrammarMatcher | None = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        # Delta outputs (RequestOutputKind.DELTA): output tokens sent so far, and whether the
+        # final output went out.
+        self.num_sent_tokens = 0
+        self.finish_sent = False
 
     @property
     def num_tokens(self) -> int:
@@ -95,11 +100,11 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - len(self.prompt_token_ids)
+        return len(self.all_token_ids) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[len(self.prompt_token_ids):]
+        return self.all_token_ids[self.num_prompt_tokens:]
 
     @property
     def is_finished(self) -> bool:

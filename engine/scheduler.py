@@ -95,12 +95,13 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         kvm, cached, running = self.kv_cache_manager, out.scheduled_cached_reqs, self.running
+        scheduled = out.num_scheduled_tokens
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
             placeholders = request.num_output_placeholders
             num_tokens = len(request.all_token_ids)
-            if placeholders and (num_tokens - len(request.prompt_token_ids) + placeholders
+            if placeholders and (num_tokens - request.num_prompt_tokens + placeholders
                                  >= request.max_tokens):
                 i += 1  # its last token is already being sampled (async scheduling)
                 continue
@@ -113,11 +114,16 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                cached.request_ids.append(request.request_id)
+                request_id = request.request_id
+                cached.request_ids.append(request_id)
                 cached.resumed_from_preemption.append(False)
                 cached.new_block_ids.append([b.block_id for b in new_blocks] if new_blocks else [])
                 cached.num_computed_tokens.append(num_computed)
-                self._scheduled(out, request, num_new)
+                # _scheduled(), inlined: this loop runs for every running request each step.
+                scheduled[request_id] = num_new
+                request.num_computed_tokens = num_computed + num_new
+                if num_computed + num_new == num_tokens + placeholders:
+                    request.num_output_placeholders = placeholders + 1
                 budget -= num_new
                 i += 1
         return budget

@@ -38,7 +38,7 @@ class _DecodeBucket:
     # [S] int64: each decode token's row in the flat batch; None when the bucket is the
     # whole batch in its order (a decode-only step, e.g. a single stream): no gather, no scatter
     token_index: torch.Tensor | None
-    block_table: torch.Tensor  # [S, num_blocks] int64
+    block_table: torch.Tensor  # [S, num_blocks] int32, contiguous
     q_pos: torch.Tensor  # [S] int64: each decode token's position (context length - 1)
     max_ctx: int
     # Gather buffers reused by every layer of the step: fresh multi-MB tensors per layer
@@ -87,10 +87,14 @@ class _State:
     prefills: list[_Prefill]
 
 
-def _buckets(ctx_lens: list[int]) -> list[tuple[int, int]]:
+def _buckets(ctx_lens: np.ndarray) -> list[tuple[int, int]]:
     """Split sorted decode context lengths into [start, end) runs, one padded SDPA call
     each: a run grows until padding everyone in it up to the next, longer context would
     cost more than another call."""
+    n = len(ctx_lens)
+    if n < 2 or (np.arange(1, n) * np.diff(ctx_lens) <= _CALL_COST_IN_TOKENS).all():
+        return [(0, n)] if n else []  # no split even from the first row (a batch of like contexts)
+    ctx_lens = ctx_lens.tolist()
     bounds, start = [], 0
     for i in range(1, len(ctx_lens)):
         if (i - start) * (ctx_lens[i] - ctx_lens[i - 1]) > _CALL_COST_IN_TOKENS:
@@ -112,11 +116,13 @@ class TorchAttentionBackend:
         qsl = np.asarray(md.query_start_loc_cpu)
         query_lens, seq_lens = np.asarray(md.query_lens_cpu), np.asarray(md.seq_lens_cpu)
         decodes = np.flatnonzero(query_lens == 1)
-        decodes = decodes[np.argsort(seq_lens[decodes], kind="stable")]
+        order = np.argsort(seq_lens[decodes], kind="stable")
+        if (np.diff(order) != 1).any():  # not already in context order
+            decodes = decodes[order]
         ctx_lens = seq_lens[decodes]
         md.backend_state = _State(
             decodes=[self._decode_bucket(md, decodes[a:b], qsl, ctx_lens[a:b])
-                     for a, b in _buckets(ctx_lens.tolist())],
+                     for a, b in _buckets(ctx_lens)],
             prefills=[self._prefill(md, i, md.query_start_loc_cpu)
                       for i in np.flatnonzero(query_lens > 1).tolist()],
         )
@@ -128,9 +134,12 @@ class TorchAttentionBackend:
         num_blocks = -(-max_ctx // md.block_size)
         rows = qsl[seqs].astype(np.int64)
         whole = len(rows) == md.num_tokens and np.array_equal(rows, np.arange(md.num_tokens))
+        # Whole: the sequences are the batch's, in order: their tables are a slice.
+        table = (md.block_table[:, :num_blocks] if whole
+                 else md.block_table[torch.from_numpy(seqs).to(device), :num_blocks])
         return _DecodeBucket(
             token_index=None if whole else torch.from_numpy(rows).to(device),
-            block_table=md.block_table[torch.from_numpy(seqs).to(device), :num_blocks].long(),
+            block_table=table.contiguous(),  # int32 indexes as fast, at half the copy
             q_pos=torch.from_numpy(ctx_lens - 1).to(device=device, dtype=torch.long),
             max_ctx=max_ctx,
         )

@@ -152,7 +152,7 @@ def test_penalty_counts_follow_their_row_through_condense():
     positions, counts, _ = batch.penalty_tensors(rows, sampling)
     assert positions.tolist() == [1] and counts.sum() == 0
     batch.count_sampled(rows, positions, torch.tensor([5, 7]))
-    batch.record_sampled(["a", "b"], batch.reserve_sampled(rows), [5, 7], {})
+    batch.record_sampled(batch.reserve_sampled(rows, ["a", "b"]), [5, 7], {})
     batch.remove("a")
     batch.condense()
     assert batch.req_id_to_index["b"] == 0
