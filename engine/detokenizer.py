@@ -3,6 +3,8 @@ hold-back, after vLLM v1's IncrementalDetokenizer."""
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,16 @@ _PROMPT_LOOKBACK_IDS = _PROMPT_CONTEXT_TOKENS + 2
 # let the window, and with it the cost per token, grow.
 _MAX_PENDING_TOKENS = 8
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+# tokenizer -> {skip_special_tokens: {token id: decode([token id])}}. Weak keys: a cache
+# goes with its tokenizer; it holds at most one entry per vocabulary token.
+_SINGLE_TOKEN_TEXTS: weakref.WeakKeyDictionary[Any, dict[bool, dict[int, str]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _single_token_texts(tokenizer: Any, skip_special_tokens: bool) -> dict[int, str]:
+    return _SINGLE_TOKEN_TEXTS.setdefault(tokenizer, {}).setdefault(skip_special_tokens, {})
 
 
 class IncrementalDetokenizer:
@@ -65,7 +77,11 @@ class IncrementalDetokenizer:
             added = {i: str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
             special = set(getattr(tokenizer, "all_special_ids", ()))
             decode = tokenizer.decode
-        self._decode_ids = lambda ids: decode(ids, skip_special_tokens=skip_special_tokens)
+        # A partial, not a lambda: decodes run per token, without a Python frame each.
+        self._decode_ids = functools.partial(decode, skip_special_tokens=skip_special_tokens)
+        # The decoding context is most often the one token emitted last, whose text this
+        # tokenizer gives every request alike: cached, a token costs one decode, not two.
+        self._single_texts = _single_token_texts(tokenizer, skip_special_tokens)
         # Skipped tokens decode to nothing; dropping them up front keeps them from taking the
         # place of real context in the window (exactly what the tokenizer does when skipping).
         self._skip_ids = frozenset(special) if skip_special_tokens else frozenset()
@@ -160,7 +176,13 @@ class IncrementalDetokenizer:
         window = self._window
         window.append(token_id)
         if self._prefix_text is None:
-            self._prefix_text = self._decode_ids(window[: self._read])
+            if self._read == 1:
+                text = self._single_texts.get(window[0])
+                if text is None:
+                    text = self._single_texts[window[0]] = self._decode_ids(window[:1])
+                self._prefix_text = text
+            else:
+                self._prefix_text = self._decode_ids(window[: self._read])
         new_text = self._decode_ids(window)
         if (
             len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)

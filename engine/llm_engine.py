@@ -523,9 +523,9 @@ class LLMEngine:
         """The parent's output after a step, as its output kind asks: everything so far,
         only what is new (None when nothing is), or the whole output once finished."""
         kind, children = parent.output_kind, parent.children
-        first = children[0]
+        first, single = children[0], len(children) == 1
         if kind is RequestOutputKind.DELTA:
-            if len(children) == 1:  # most requests: no list to filter
+            if single:  # most requests: no list to filter
                 completion = self._delta_completion(0, first)
                 completions = [completion] if completion is not None else None
             else:
@@ -541,11 +541,10 @@ class LLMEngine:
             completions = [self._cumulative_completion(i, req, kind)
                            for i, req in enumerate(children)]
             prompt_logprobs = first.prompt_logprobs
-        error = first.error if len(children) == 1 else next(
-            (c.error for c in children if c.error), None)
+        error = first.error if single else next((c.error for c in children if c.error), None)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                             prompt_logprobs, completions, finished,
-                             num_cached_tokens=first.num_cached_tokens, error=error)
+                             prompt_logprobs, completions, finished, first.num_cached_tokens,
+                             None, error)
 
     def _cumulative_completion(self, index: int, req: Request,
                                kind: RequestOutputKind) -> CompletionOutput:
