@@ -47,7 +47,8 @@ class _Timed:
             self.totals[self.name] += time.perf_counter() - start
 
 
-def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str) -> dict:
+def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str,
+            stub_sampler: bool = False) -> dict:
     """Median per-phase milliseconds over `num_steps` decode steps of `batch` requests that
     each hold `context` tokens. Uses only what every revision has: LLMEngine.step, the
     scheduler's schedule, the runner's execute, its model and sampler."""
@@ -108,6 +109,12 @@ def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str
     # The runner's launch and its wait (one `execute` in revisions before async scheduling).
     for name in ("execute_model", "collect") if hasattr(runner, "collect") else ("execute",):
         setattr(runner, name, _Timed(getattr(runner, name), totals, "execute"))
+    if stub_sampler:
+        # What a GPU host sees: the sampler's work is the device's, and its sweep over the
+        # [batch, vocab] logits (50 MB at batch 256) does not evict the host's caches.
+        SamplerOutput = engine_module("sampler").SamplerOutput
+        runner.sampler = lambda logits, metadata: SamplerOutput(
+            torch.full((len(logits),), 100), None, None, None)
     runner.sampler = _Timed(runner.sampler, totals, "sample")
     samples = {phase: [] for phase in PHASES}
     for _ in range(num_steps):
@@ -129,7 +136,8 @@ def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str
 
 def _worker(args) -> None:
     sys.path.insert(0, os.getcwd())  # the revision being measured (this tree or a worktree)
-    results = [dict(batch=b, context=c, text=t, **measure(b, c, t, args.steps, args.model_dir))
+    results = [dict(batch=b, context=c, text=t, **measure(b, c, t, args.steps, args.model_dir,
+                                                         args.stub_sampler))
                for b, c, t in json.loads(args.cases)]
     print(json.dumps(results))
 
@@ -144,15 +152,27 @@ def _tiny_llama(directory: Path) -> str:
     return str(directory)
 
 
-def _run(tree: Path, cases, steps: int, model_dir: str) -> list[dict]:
+def _run(tree: Path, cases, steps: int, model_dir: str, stub_sampler: bool) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", "--cases", json.dumps(cases),
-         "--steps", str(steps), "--model-dir", model_dir],
+         "--steps", str(steps), "--model-dir", model_dir,
+         *(["--stub-sampler"] if stub_sampler else [])],
         cwd=tree, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"measuring {tree} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median_of_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """Per case, each phase's median over the rounds (host recomputed from those)."""
+    merged = []
+    for runs in zip(*rounds):
+        case = {key: runs[0][key] for key in ("batch", "context", "text")}
+        case.update({phase: statistics.median(r[phase] for r in runs) for phase in PHASES})
+        case["host"] = case["schedule"] + case["prepare"] + case["output"]
+        merged.append(case)
+    return merged
 
 
 def main() -> None:
@@ -160,7 +180,13 @@ def main() -> None:
     parser.add_argument("--baseline", help="git revision to measure beside this tree")
     parser.add_argument("--quick", action="store_true", help="batch 1/32, contexts 128/2k")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each tree, alternating; the report takes medians")
+    parser.add_argument("--stub-sampler", action="store_true",
+                        help="the sampler a stub too: host phases as a GPU host runs them, "
+                             "without the CPU sampler's sweep of the logits between them")
+    parser.add_argument("--tag", default=None, help="results file suffix (default: cpu, or "
+                                                    "cpu_stub_sampler with --stub-sampler)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cases", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -181,7 +207,14 @@ def main() -> None:
                            cwd=REPO_ROOT, check=True, capture_output=True)
             trees = {f"baseline {args.baseline}": worktree, **trees}
         try:
-            runs = {name: _run(tree, cases, args.steps, model_dir) for name, tree in trees.items()}
+            # Trees alternate, round after round: this host's speed drifts by tens of percent
+            # over a minute, which one tree after the other would read as a difference.
+            rounds = {name: [] for name in trees}
+            for _ in range(args.rounds):
+                for name, tree in trees.items():
+                    rounds[name].append(_run(tree, cases, args.steps, model_dir,
+                                             args.stub_sampler))
+            runs = {name: _median_of_rounds(results) for name, results in rounds.items()}
         finally:
             if args.baseline:
                 subprocess.run(["git", "worktree", "remove", "--force", str(worktree)],
@@ -191,10 +224,12 @@ def main() -> None:
         "command": "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"load {load[0]:.2f}",
-        "steps_per_case": args.steps, "runs": runs,
+        "steps_per_case": args.steps, "rounds": args.rounds, "stub_sampler": args.stub_sampler,
+        "runs": runs,
     }
     RESULTS_DIR.mkdir(exist_ok=True)
-    stem = RESULTS_DIR / f"step_overhead_{args.tag}"
+    tag = args.tag or ("cpu_stub_sampler" if args.stub_sampler else "cpu")
+    stem = RESULTS_DIR / f"step_overhead_{tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(_markdown(report))
     print(_markdown(report))
@@ -204,9 +239,12 @@ def _markdown(report: dict) -> str:
     names = list(report["runs"])
     lines = [
         "# Host time per decode step (model forward stubbed)", "",
-        f"`{report['command']}` — {report['machine']}; median of "
+        f"`{report['command']}` — {report['machine']}; medians over "
+        f"{report.get('rounds', 1)} alternating rounds of each tree's median of "
         f"{report['steps_per_case']} steps, milliseconds. host = schedule + prepare + output "
-        "(sample is the sampler's arithmetic over [batch, 49152] logits).", "",
+        + ("(the sampler a stub too, as on a GPU host: no sweep of the [batch, 49152] logits "
+           "between the phases)." if report.get("stub_sampler") else
+           "(sample is the sampler's arithmetic over [batch, 49152] logits)."), "",
         "| batch | context | text | " + " | ".join(
             f"{n}: schedule / prepare / sample / output / **host**" for n in names) + " |",
         "|---|---|---|" + "---|" * len(names),
