@@ -8,44 +8,18 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
+from pagedserve.engine.attention.metadata import AttentionMetadata, SingleDecode
+from pagedserve.engine.attention.torch_backend import TorchAttentionBackend, attend_single
 
-@dataclass(slots=True)
-class AttentionMetadata:
-    """One step's flattened varlen batch, shared by every layer."""
-
-    num_tokens: int
-    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step
-    block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
-    block_size: int
-    query_start_loc_cpu: list[int]  # host copies, so no backend needs a device sync
-    query_lens_cpu: list[int]
-    seq_lens_cpu: list[int]
-    max_query_len: int
-    max_seq_len: int
-    backend_state: object = None  # whatever the backend precomputes once per step
-
-
-class SingleDecode(NamedTuple):
-    """A one-token step's attention inputs as tensors, so that a compiled graph takes them
-    as inputs and attends inside the graph (engine/compiled.py)."""
-
-    # [2] int64: the new token's rows in a cache viewed as [2 * slots, Hkv, D] (its key's
-    # slot, then its value's, one cache's worth of slots further)
-    write_rows: torch.Tensor
-    context_slots: torch.Tensor  # [context length] int64: its context's slots, itself last
+__all__ = ["AttentionMetadata", "SingleDecode", "attend", "compiled_step",
+           "get_attention_backend"]
 
 
 def get_attention_backend(name: str, num_heads: int, num_kv_heads: int):
     if name == "torch":
-        from pagedserve.engine.attention.torch_backend import TorchAttentionBackend
-
         return TorchAttentionBackend(num_heads, num_kv_heads)
     if name == "triton":
         from pagedserve.engine.attention.triton_backend import TritonAttentionBackend
@@ -105,7 +79,3 @@ def attend(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             raise ValueError("a SingleDecode attends over the whole context: no sliding window")
         return attend_single(q, k, v, kv_cache, md, scale)
     return backend.forward(q, k, v, kv_cache, md, scale, sliding_window)
-
-
-# Last: the torch backend imports this module's AttentionMetadata.
-from pagedserve.engine.attention.torch_backend import attend_single  # noqa: E402

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pagedserve.engine.attention import AttentionMetadata, SingleDecode
+from pagedserve.engine.attention.metadata import AttentionMetadata, SingleDecode
 
 # A decode bucket grows while its longest context is at most this factor of its shortest:
 # bounds padding waste at ~1/3 of the gathered context, with only a handful of buckets.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedserve.engine.attention import AttentionMetadata
+from pagedserve.engine.attention.metadata import AttentionMetadata
 
 
 class TritonAttentionBackend:
