@@ -161,6 +161,31 @@ def test_penalty_counts_follow_their_row_through_condense():
     assert batch.token_ids[0, batch.num_tokens[0] - 1] == 7
 
 
+def test_sampled_tokens_follow_their_request_when_rows_change_hands():
+    """A step's tokens written back after rows moved (async scheduling): a finished
+    request's is dropped, a preempted one's goes into its state, a moved one's to its new
+    row; with no row changed they go straight to the rows reserved."""
+    rng = random.Random(4)
+    batch = _batch()
+    a, b, c, d = (_state(r, rng) for r in "abcd")
+    for state in (a, b, c, d):
+        batch.add(state, 0, _blocks(state, rng))
+    rows = np.arange(4)
+    reserved = batch.reserve_sampled(rows, ["a", "b", "c", "d"])
+    ends = reserved.positions.copy()
+    batch.remove("a")  # finished
+    c_state = batch.remove("c", keep_tokens=True)  # preempted: its tokens go to its state
+    batch.condense()  # d moves into a's row
+    assert batch.req_id_to_index["d"] == 0 and reserved.layout != batch.layout
+    batch.record_sampled(reserved, [11, 12, 13, 14], {"c": c_state})
+    assert batch.token_ids[batch.req_id_to_index["b"], ends[1]] == 12
+    assert batch.token_ids[0, ends[3]] == 14
+    assert c_state.output_token_ids == [13]
+    again = batch.reserve_sampled(np.array([0, 1]), ["d", "b"])
+    batch.record_sampled(again, [21, 22], {})
+    assert batch.token_ids[0, ends[3] + 1] == 21 and batch.token_ids[1, ends[1] + 1] == 22
+
+
 @pytest.fixture(scope="module")
 def text_engine(tiny_dir_49k):
     from pagedserve.engine.loader.resolve import resolve_model
