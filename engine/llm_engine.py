@@ -26,6 +26,9 @@ from pagedserve.engine.structured_output import StructuredOutputManager, reasoni
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
+# Read per sampled token: module constants skip the enum class's attribute lookup.
+_DELTA, _FINAL_ONLY = RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
+_GONE = (None, None)  # _sequences' answer for a sequence finished and forgotten
 
 
 @dataclass(slots=True)
@@ -131,9 +134,9 @@ class LLMEngine:
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
                                    self._token_budget(), self.max_model_len)
-        self._requests: dict[str, Request] = {}  # sequence id -> sequence
+        # sequence id -> the sequence and its user request: one lookup per sampled token
+        self._sequences: dict[str, tuple[Request, _UserRequest]] = {}
         self._parents: dict[str, _UserRequest] = {}  # user request id -> its sequences
-        self._parent_of: dict[str, _UserRequest] = {}
         self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
         # Built on the first guided request, so unguided use never loads xgrammar.
         self.structured_output: StructuredOutputManager | None = None
@@ -256,8 +259,7 @@ class LLMEngine:
         if grammar is not None:
             self._num_guided += len(children)
         for child in children:
-            self._requests[child.request_id] = child
-            self._parent_of[child.request_id] = parent
+            self._sequences[child.request_id] = child, parent
             self.scheduler.add_request(child)
 
     def _get_structured_output(self) -> StructuredOutputManager:
@@ -417,7 +419,7 @@ class LLMEngine:
 
     def _grammar_bitmask(self, request_ids: list[str]):
         return self.structured_output.fill_bitmask(
-            [self._requests[i].grammar for i in request_ids])
+            [self._sequences[i][0].grammar for i in request_ids])
 
     def _process_outputs(self, result: ModelRunnerOutput, outputs: list[RequestOutput]
                          ) -> Iterable[_UserRequest]:
@@ -425,10 +427,10 @@ class LLMEngine:
         outputs of single-sequence requests to `outputs`; returns the user requests of n > 1
         touched, whose outputs wait for all their sequences. Results for sequences that
         stopped meanwhile (async scheduling) are dropped."""
-        requests = self._requests
+        sequences = self._sequences
         touched: dict[str, _UserRequest] = {}  # by user request id, in batch order
         for req_id, chunk in result.prompt_logprobs.items():
-            req = requests.get(req_id)
+            req, _ = sequences.get(req_id, _GONE)
             if req is None or req.is_finished:
                 continue
             for j, lp in enumerate(chunk.token_logprobs):
@@ -441,13 +443,11 @@ class LLMEngine:
                                                       chunk.topk_logprobs[j]), start=1):
                     entry.setdefault(tid, Logprob(tlp, rank, self._token_text(req, tid)))
                 req.prompt_logprobs.append(entry)
-        parent_of = self._parent_of
         with_logprobs = result.sampled_logprobs is not None
         for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
-            req = requests.get(req_id)
+            req, parent = sequences.get(req_id, _GONE)
             if req is None or req.is_finished:
                 continue
-            parent = parent_of[req_id]
             try:
                 req.append_token(token_id)
                 if req.grammar is not None and not req.grammar.accept_token(token_id):
@@ -524,7 +524,7 @@ class LLMEngine:
         only what is new (None when nothing is), or the whole output once finished."""
         kind, children = parent.output_kind, parent.children
         first, single = children[0], len(children) == 1
-        if kind is RequestOutputKind.DELTA:
+        if kind is _DELTA:
             if single:  # most requests: no list to filter
                 completion = self._delta_completion(0, first)
                 completions = [completion] if completion is not None else None
@@ -535,7 +535,7 @@ class LLMEngine:
                 return None
             prompt_logprobs = None if parent.prompt_logprobs_sent else first.prompt_logprobs
             parent.prompt_logprobs_sent = True
-        elif kind is RequestOutputKind.FINAL_ONLY and not finished:
+        elif kind is _FINAL_ONLY and not finished:
             return None
         else:
             completions = [self._cumulative_completion(i, req, kind)
@@ -590,8 +590,7 @@ class LLMEngine:
         del self._parents[parent.request_id]
         for child in parent.children:
             self._drop_grammar(child)  # aborted ones too
-            self._requests.pop(child.request_id, None)
-            self._parent_of.pop(child.request_id, None)
+            self._sequences.pop(child.request_id, None)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (a no-op without them). The engine is done."""

@@ -311,7 +311,7 @@ def test_abort_releases_matchers_and_blocks(llm):
     engine = llm.llm_engine
     engine.add_request("abort-me", chat(llm, QUESTIONS["flat"]), SamplingParams(
         n=2, seed=0, max_tokens=MAX_TOKENS, guided_decoding=guided(json=SCHEMAS["flat"])))
-    children = [engine._requests[f"abort-me#{i}"] for i in range(2)]
+    children = [engine._sequences[f"abort-me#{i}"][0] for i in range(2)]
     assert all(c.grammar is not None for c in children)
     for _ in range(3):
         engine.step()
