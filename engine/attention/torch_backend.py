@@ -116,16 +116,13 @@ class TorchAttentionBackend:
         qsl = np.asarray(md.query_start_loc_cpu)
         query_lens, seq_lens = np.asarray(md.query_lens_cpu), np.asarray(md.seq_lens_cpu)
         decodes = np.flatnonzero(query_lens == 1)
+        order = np.argsort(seq_lens[decodes], kind="stable")
+        if (np.diff(order) != 1).any():  # not already in context order
+            decodes = decodes[order]
         ctx_lens = seq_lens[decodes]
-        order = np.argsort(ctx_lens, kind="stable")
-        bounds = _buckets(ctx_lens[order])
-        if len(bounds) > 1 and (np.diff(order) != 1).any():  # buckets need context order
-            decodes, ctx_lens = decodes[order], ctx_lens[order]
-        # One bucket keeps the batch's order: a decode-only step is then "whole" (no table
-        # gather, no per-layer gather and scatter of its queries).
         md.backend_state = _State(
             decodes=[self._decode_bucket(md, decodes[a:b], qsl, ctx_lens[a:b])
-                     for a, b in bounds],
+                     for a, b in _buckets(ctx_lens)],
             prefills=[self._prefill(md, i, md.query_start_loc_cpu)
                       for i in np.flatnonzero(query_lens > 1).tolist()],
         )
@@ -133,7 +130,7 @@ class TorchAttentionBackend:
     def _decode_bucket(self, md: AttentionMetadata, seqs: np.ndarray, qsl: np.ndarray,
                        ctx_lens: np.ndarray) -> _DecodeBucket:
         device = md.slot_mapping.device
-        max_ctx = int(ctx_lens.max())
+        max_ctx = int(ctx_lens[-1])  # sorted
         num_blocks = -(-max_ctx // md.block_size)
         rows = qsl[seqs].astype(np.int64)
         whole = len(rows) == md.num_tokens and np.array_equal(rows, np.arange(md.num_tokens))
