@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
 # Read per sampled token: module constants skip the enum class's attribute lookup.
-_DELTA, _FINAL_ONLY = RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
+_DELTA, _FINAL_ONLY, _CUMULATIVE = (RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY,
+                                    RequestOutputKind.CUMULATIVE)
 _GONE = (None, None)  # _sequences' answer for a sequence finished and forgotten
 
 
@@ -552,7 +553,7 @@ class LLMEngine:
         if req.detokenizer is not None and req.error is None:
             text = req.detokenizer.get_next_output_text(req.is_finished, delta=False)
         logprobs = req.logprobs
-        if logprobs is not None and kind == RequestOutputKind.CUMULATIVE:
+        if logprobs is not None and kind is _CUMULATIVE:
             logprobs = list(logprobs)  # the engine goes on appending to its own list
         return CompletionOutput(
             index=index,
