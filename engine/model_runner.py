@@ -35,6 +35,7 @@ from pagedserve.engine.loader.weights import init_dummy_weights, iterate_safeten
 from pagedserve.engine.models import get_model_class
 from pagedserve.engine.models.llama import RotaryEmbedding
 from pagedserve.engine.models.quantized import (
+    PACKED_MAX_ROWS,
     cast_unquantized,
     packed_kernels_available,
     quantization_plan,
@@ -43,6 +44,7 @@ from pagedserve.engine.models.quantized import (
 from pagedserve.engine.sampler import (
     Sampler,
     SamplingMetadata,
+    SamplingRows,
     compute_prompt_logprobs,
     host_to_device,
 )
@@ -497,11 +499,12 @@ class ModelRunner:
                 hidden[offset:offset + count], state, start, count)))
         if not step.sample_request_ids:
             return handle
-        logits = self.model.compute_logits(hidden[self._to_device(step.logits_indices)])
+        sampling = batch.sampling_rows(step.sample_rows)
+        logits = self.model.compute_logits(hidden[self._to_device(step.logits_indices)],
+                                           self._argmax_only(step, sampling))
         if bitmask is not None:
             # Before the sampler: masked tokens get probability 0, in the returned logprobs too.
             bitmask.apply(logits)
-        sampling = batch.sampling_rows(step.sample_rows)
         penalised, counts, prompt_mask = batch.penalty_tensors(step.sample_rows, sampling)
         metadata = SamplingMetadata.from_rows(sampling, self.vocab_size, self.device,
                                               counts, prompt_mask)
@@ -522,6 +525,17 @@ class ModelRunner:
         handle.results = _HostCopy(tensors)
         self._unrecorded.append(handle)
         return handle
+
+    def _argmax_only(self, step: StepInputs, sampling: SamplingRows) -> bool:
+        """Whether this step reads only each sampling row's best token, so the head may take
+        its fast argmax pass (a quantized model's RefinedHead, for up to PACKED_MAX_ROWS
+        rows). Decided from what every tensor-parallel rank holds alike (guided rows count
+        as not: a mask can leave the best allowed token outside the exactly refined ones)."""
+        if (getattr(self.model, "refined_head", None) is None
+                or len(step.sample_rows) > PACKED_MAX_ROWS or not sampling.argmax_only()):
+            return False
+        return all(self.requests[r].sampling_params.guided_decoding is None
+                   for r in step.sample_request_ids)
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
         """The step's results on the host: the one device-to-host wait of a step."""

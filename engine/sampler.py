@@ -62,6 +62,15 @@ class SamplingRows:
                               if num_output_tokens[i] < p.min_tokens},
         )
 
+    def argmax_only(self) -> bool:
+        """Every row samples the argmax of the model's own logits and returns nothing else:
+        greedy, no logprobs, nothing that edits logits (bias, min_tokens, penalties). Such a
+        step reads only each row's best token, never the rest of the distribution."""
+        return bool((self.temperature < 1e-5).all() and (self.num_logprobs < 0).all()
+                    and (self.repetition_penalty == 1.0).all()
+                    and not self.frequency_penalty.any() and not self.presence_penalty.any()
+                    and not self.logit_bias and not self.blocked_stop_ids)
+
 
 @dataclass(slots=True)
 class SamplingMetadata:

@@ -283,10 +283,12 @@ class LlamaForCausalLM(nn.Module):
                 module.kernel = fused_add_rms_norm
         self.rotary.kernel = rotary_embedding
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [rows, vocab_size]; under tensor parallelism every rank gets them all."""
+    def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
+        """fp32 logits [rows, vocab_size]; under tensor parallelism every rank gets them all.
+        argmax_only: the caller reads only each row's best token (a refined head may then
+        take a faster pass whose other logits are further off)."""
         if self.refined_head is not None:
-            logits = self.refined_head(hidden)
+            logits = self.refined_head(hidden, argmax_only)
         elif self.lm_head is not None:
             logits = self.lm_head(hidden).float()
         else:
@@ -305,8 +307,8 @@ class LlamaForCausalLM(nn.Module):
                  dense_dtype: torch.dtype = torch.bfloat16) -> int:
         """Swap linear layers for weight-only quantized ones where scheme_of names a scheme;
         returns how many were swapped. The embedding stays dense, and the head computes
-        on an int8 copy with its best candidates refined from the dense weight
-        (RefinedHead), once any layer is quantized."""
+        on an int8 copy (int4 where only the best token is read) with its best candidates
+        refined from the dense weight (RefinedHead), once any layer is quantized."""
         fused_from = {}
         for ckpt_name, (fused, _) in _STACKED.items():
             fused_from.setdefault(fused, []).append(ckpt_name)

@@ -239,3 +239,104 @@ def test_the_refined_head_gives_exact_top_logits(rows, dense):
     top = exact.topk(20, dim=-1)
     torch.testing.assert_close(logits.gather(1, top.indices), top.values, rtol=0, atol=1e-5)
     assert (logits - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS])
+def test_an_argmax_only_head_takes_the_int4_pass_and_keeps_the_exact_pick(rows):
+    """Where only the best token is read, the head's fast pass is int4 (half the int8 pass's
+    bytes): the pick and the refined candidates are still the fp32 product's, the rest are
+    the int4 pass's own logits. A head whose shape int4 cannot take keeps the int8 pass."""
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(2048, 64, generator=gen) * 0.1
+    hidden = torch.randn(rows, 64, generator=gen) * 4
+    exact = hidden @ weight.t()
+    head = RefinedHead(weight, dense=True, refine=32)
+    logits = head(hidden, argmax_only=True)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    refined = exact.topk(5, dim=-1)
+    torch.testing.assert_close(logits.gather(1, refined.indices), refined.values, rtol=0,
+                               atol=1e-5)
+    int4, int8 = head.argmax_fast(hidden).float(), head.fast(hidden).float()
+
+    def tail(fast):  # all but the candidates refined from this pass
+        return torch.ones_like(fast, dtype=torch.bool).scatter_(
+            1, fast.topk(head.refine, dim=-1).indices, False)
+
+    assert torch.equal(logits[tail(int4)], int4[tail(int4)])
+    assert not torch.equal(int4, int8)
+    assert torch.equal(head(hidden)[tail(int8)], int8[tail(int8)])  # the default: int8
+    odd = RefinedHead(torch.randn(2040, 64, generator=gen), dense=False)  # 2040 % 16 != 0
+    assert odd.argmax_fast is None
+    torch.testing.assert_close(odd(hidden, argmax_only=True), odd(hidden))
+
+
+def test_only_plain_greedy_rows_are_argmax_only():
+    from pagedserve.engine.sampler import SamplingRows
+    from pagedserve.engine.sampling_params import SamplingParams
+
+    def rows(**kwargs):
+        params = [SamplingParams(temperature=0.0),
+                  SamplingParams(**{"temperature": 0.0, **kwargs})]
+        return SamplingRows.from_params(params, [0, 0], [None, None])
+
+    assert rows().argmax_only()
+    for knob in ({"temperature": 0.7}, {"logprobs": 0}, {"repetition_penalty": 1.1},
+                 {"frequency_penalty": 0.5}, {"presence_penalty": -0.5},
+                 {"logit_bias": {5: 1.0}}, {"min_tokens": 3}):
+        assert not rows(**knob).argmax_only(), knob
+
+
+def _spy_on_head(llm, monkeypatch) -> tuple[RefinedHead, list[bool]]:
+    head = llm.llm_engine.model_runner.model.refined_head
+    calls: list[bool] = []
+    forward = head.forward
+    monkeypatch.setattr(head, "forward", lambda hidden, argmax_only=False: (
+        calls.append(argmax_only), forward(hidden, argmax_only))[1])
+    return head, calls
+
+
+def _generate(llm, calls: list[bool], **kwargs) -> tuple[list[int], set[bool]]:
+    """Greedy-by-default tokens of one prompt, and the argmax_only flags the head saw."""
+    from pagedserve.engine import SamplingParams
+
+    calls.clear()
+    prompt = [{"prompt_token_ids": [1, 50, 70, 90, 110, 130, 7, 200]}]
+    params = SamplingParams(**{"temperature": 0.0, "max_tokens": 12, "ignore_eos": True,
+                               **kwargs})
+    out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    return out.token_ids, set(calls)
+
+
+def test_the_runner_asks_for_the_argmax_pass_only_in_plain_greedy_steps(tmp_path,
+                                                                        monkeypatch):
+    """A step that reads logprobs, samples, or is guided needs the int8 pass's tail."""
+    import gguf
+
+    from pagedserve.engine import LLM
+    from pagedserve.engine.sampling_params import GuidedDecodingParams
+    from tests.engine.test_gguf_loader import tiny_model, write_tiny_gguf
+
+    arch, model = tiny_model("llama")
+    path = tmp_path / "tiny-q4_1.gguf"
+    write_tiny_gguf(path, arch, model, gguf.GGMLQuantizationType.Q4_1)
+    llm = LLM(model=str(path), kv_cache_memory=16 << 20, enforce_eager=True)
+    _, calls = _spy_on_head(llm, monkeypatch)
+    assert _generate(llm, calls)[1] == {True}
+    assert _generate(llm, calls, logprobs=2)[1] == {False}
+    assert _generate(llm, calls, temperature=0.8, seed=1)[1] == {False}
+    assert _generate(llm, calls, repetition_penalty=1.2)[1] == {False}
+    assert _generate(llm, calls, guided_decoding=GuidedDecodingParams(regex="[a-z ]+"))[1] == {
+        False}
+
+
+def test_the_argmax_pass_gives_the_int8_pass_greedy_tokens(tiny_dir, monkeypatch):
+    from pagedserve.engine import LLM
+
+    llm = LLM(model=str(tiny_dir), quantization="int4", kv_cache_memory=16 << 20,
+              enforce_eager=True, skip_tokenizer_init=True)
+    head, calls = _spy_on_head(llm, monkeypatch)
+    assert head.argmax_fast is not None
+    tokens, modes = _generate(llm, calls)
+    assert modes == {True}
+    monkeypatch.setattr(head, "argmax_fast", None)  # the int8 pass, as before
+    assert _generate(llm, calls) == (tokens, {True})
