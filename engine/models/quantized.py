@@ -51,6 +51,12 @@ def gguf_scheme(gguf_type: str) -> tuple[str | None, str | None]:
     return _GGUF_SCHEMES.get(gguf_type, (None, None))
 
 
+def fits_int4(out_features: int, in_features: int) -> bool:
+    """Whether the int4 kernel takes a [out_features, in_features] weight (whole groups of
+    32 inputs, outputs in tiles of 16)."""
+    return in_features % INT4_GROUP == 0 and out_features % 16 == 0
+
+
 def packed_kernels_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_weight_int8pack_mm")
@@ -193,9 +199,8 @@ class RefinedHead(nn.Module):
         self.weight = weight  # [V, K] float32, shared (a tied head's is the embedding's)
         self.refine = min(refine, weight.shape[0])
         self.fast = QuantizedLinear(quantize_int8(weight), None, dense=False)
-        vocab, hidden_size = weight.shape
         self.argmax_fast = (QuantizedLinear(quantize_int4(weight), None, dense=False)
-                            if hidden_size % INT4_GROUP == 0 and vocab % 16 == 0 else None)
+                            if fits_int4(*weight.shape) else None)
         # Without native bf16 (dense_dtype fp32) big batches take the exact fp32 product.
         self.dense = weight.to(dense_dtype) if dense and dense_dtype != torch.float32 else None
         self.packed = (pack_weight(weight) if self.dense is None and mkl_packing_available()
@@ -223,7 +228,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str
                     recovery: str | None = None, dense: bool = True,
                     dense_dtype: torch.dtype = torch.bfloat16) -> QuantizedLinear:
     n, k = weight.shape
-    if scheme == "int4" and (k % INT4_GROUP or n % 16):
+    if scheme == "int4" and not fits_int4(n, k):
         logger.debug("a [%d, %d] weight does not fit int4's groups: int8 instead", n, k)
         scheme = "int8"
     if scheme == "int4":
