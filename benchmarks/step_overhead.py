@@ -92,7 +92,8 @@ def measure(batch: int, context: int, text: bool, num_steps: int, model_dir: str
         return hidden_states[:len(input_ids)]
 
     runner.model.forward = stub_forward
-    runner.model.compute_logits = lambda hidden: logits[:len(hidden)]
+    # (later revisions pass argmax_only too)
+    runner.model.compute_logits = lambda hidden, *_: logits[:len(hidden)]
     rng = random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, detokenize=text)
     if hasattr(sampling_params, "RequestOutputKind"):  # a server streams deltas; revisions

@@ -79,6 +79,12 @@ class IncrementalDetokenizer:
             decode = tokenizer.decode
         # A partial, not a lambda: decodes run per token, without a Python frame each.
         self._decode_ids = functools.partial(decode, skip_special_tokens=skip_special_tokens)
+        # A byte-level decoder (GPT-2, Llama 3, Qwen, SmolLM2) turns each token into its own
+        # bytes and decodes their concatenation, so after whole text a token whose bytes are
+        # whole UTF-8 adds exactly its own text: no decode at all. Other decoders add or drop
+        # spaces by position (Metaspace's and WordPiece's leading space): always two decodes.
+        self._concatenates = (isinstance(backend, tokenizers.Tokenizer)
+                              and type(backend.decoder) is tokenizers.decoders.ByteLevel)
         # The decoding context is most often the one token emitted last, whose text this
         # tokenizer gives every request alike: cached, a token costs one decode, not two.
         self._single_texts = _single_token_texts(tokenizer, skip_special_tokens)
@@ -169,31 +175,22 @@ class IncrementalDetokenizer:
 
     def _decode_next(self, token_id: int) -> str:
         """Text that token_id adds, by the prefix_offset/read_offset technique: decode the
-        window with and without the new tokens and emit the difference, so the cost per token
-        does not depend on the length of the output."""
+        window with and without the new tokens and emit the difference (or, where the decoder
+        concatenates, the token's own text), so the cost per token does not depend on the
+        length of the output."""
         if token_id in self._skip_ids:
             return ""
         window = self._window
-        window.append(token_id)
-        if self._prefix_text is None:
-            if self._read == 1:
-                text = self._single_texts.get(window[0])
-                if text is None:
-                    text = self._single_texts[window[0]] = self._decode_ids(window[:1])
-                self._prefix_text = text
-            else:
-                self._prefix_text = self._decode_ids(window[: self._read])
-        new_text = self._decode_ids(window)
-        if (
-            len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)
-        ) and len(window) - self._read < _MAX_PENDING_TOKENS:
-            # A trailing U+FFFD is a character whose bytes are still arriving: hold it back.
-            piece = ""
-        else:
-            piece = new_text[len(self._prefix_text) :]
-            del window[: self._read]
-            self._read = len(window)
-            self._prefix_text = None
+        piece = None
+        if self._concatenates and self._read == 1 and len(window) == 1:
+            # Nothing pending behind the one token emitted last (most steps).
+            text = self._single_text(token_id)
+            if _REPLACEMENT_CHAR not in text and _REPLACEMENT_CHAR not in self._single_text(
+                    window[0]):
+                piece = self._prefix_text = text
+                window[0] = token_id
+        if piece is None:
+            piece = self._decode_window(token_id)
 
         if self._added_tokens is not None:
             content = self._added_tokens.get(token_id)
@@ -201,6 +198,30 @@ class IncrementalDetokenizer:
                 piece = content
             self._last_was_added = content is not None
         return piece
+
+    def _decode_window(self, token_id: int) -> str:
+        window = self._window
+        window.append(token_id)
+        if self._prefix_text is None:
+            self._prefix_text = (self._single_text(window[0]) if self._read == 1
+                                 else self._decode_ids(window[: self._read]))
+        new_text = self._decode_ids(window)
+        if (
+            len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)
+        ) and len(window) - self._read < _MAX_PENDING_TOKENS:
+            # A trailing U+FFFD is a character whose bytes are still arriving: hold it back.
+            return ""
+        piece = new_text[len(self._prefix_text) :]
+        del window[: self._read]
+        self._read = len(window)
+        self._prefix_text = None
+        return piece
+
+    def _single_text(self, token_id: int) -> str:
+        text = self._single_texts.get(token_id)
+        if text is None:
+            text = self._single_texts[token_id] = self._decode_ids([token_id])
+        return text
 
     def _check_stop_strings(self, new_text_offset: int) -> str | None:
         """Find the earliest stop string that ends in the text from new_text_offset on (any
