@@ -116,13 +116,16 @@ class TorchAttentionBackend:
         qsl = np.asarray(md.query_start_loc_cpu)
         query_lens, seq_lens = np.asarray(md.query_lens_cpu), np.asarray(md.seq_lens_cpu)
         decodes = np.flatnonzero(query_lens == 1)
-        order = np.argsort(seq_lens[decodes], kind="stable")
-        if (np.diff(order) != 1).any():  # not already in context order
-            decodes = decodes[order]
         ctx_lens = seq_lens[decodes]
+        order = np.argsort(ctx_lens, kind="stable")
+        bounds = _buckets(ctx_lens[order])
+        if len(bounds) > 1:  # buckets are runs of contexts in length order
+            decodes, ctx_lens = decodes[order], ctx_lens[order]
+        # One bucket keeps batch order: a decode-only step is then attended whole, with no
+        # gather of its queries and no scatter of their outputs.
         md.backend_state = _State(
             decodes=[self._decode_bucket(md, decodes[a:b], qsl, ctx_lens[a:b])
-                     for a, b in _buckets(ctx_lens)],
+                     for a, b in bounds],
             prefills=[self._prefill(md, i, md.query_start_loc_cpu)
                       for i in np.flatnonzero(query_lens > 1).tolist()],
         )
@@ -130,7 +133,7 @@ class TorchAttentionBackend:
     def _decode_bucket(self, md: AttentionMetadata, seqs: np.ndarray, qsl: np.ndarray,
                        ctx_lens: np.ndarray) -> _DecodeBucket:
         device = md.slot_mapping.device
-        max_ctx = int(ctx_lens[-1])  # sorted
+        max_ctx = int(ctx_lens.max())
         num_blocks = -(-max_ctx // md.block_size)
         rows = qsl[seqs].astype(np.int64)
         whole = len(rows) == md.num_tokens and np.array_equal(rows, np.arange(md.num_tokens))
@@ -219,7 +222,11 @@ def _decode_whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     index = bucket.block_table.view(-1)
     if bucket.kv_buffer is None:
         bucket.kv_buffer = kv_cache.new_empty((2, index.numel(), *kv_cache.shape[2:]))
-    kv = torch.index_select(kv_cache, 1, index, out=bucket.kv_buffer)
+    kv = bucket.kv_buffer
+    # Each plane along its first dimension: runs of memcpys (one index_select along dim 1
+    # of both planes at once takes a slower, element-wise path).
+    torch.index_select(kv_cache[0], 0, index, out=kv[0])
+    torch.index_select(kv_cache[1], 0, index, out=kv[1])
     # [2, S, Hkv, ctx, D]: each sequence's context, heads first (a view).
     kv = kv.view(2, num_seqs, -1, num_kv_heads, head_dim)[:, :, :bucket.max_ctx].transpose(2, 3)
     # One query a sequence: its G query heads of a KV head are the query rows of that head.

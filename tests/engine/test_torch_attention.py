@@ -31,6 +31,8 @@ BATCHES = {
     # one decode bucket in batch order: the whole-batch path (_decode_whole)
     "single stream": [(120, 1)],
     "like decodes": [(40, 1), (41, 1), (46, 1)],
+    "like decodes, out of context order": [(46, 1), (40, 1), (41, 1)],  # whole, unsorted
+    "decodes in two buckets, out of order": [(300, 1), (2, 1), (250, 1), (30, 1)],
     "single stream, block boundary": [(63, 1)],  # its token fills the block's last slot
 }
 
@@ -76,6 +78,8 @@ def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch):
     )
     backend = TorchAttentionBackend(num_heads, num_kv_heads)
     backend.prepare(md)
+    if batch.startswith("like decodes"):  # one bucket: in batch order, whatever its contexts
+        assert [b.token_index for b in md.backend_state.decodes] == [None]
     scale = head_dim**-0.5
     before = kv_cache.clone()
     out = backend.forward(q, k, v, kv_cache, md, scale)
