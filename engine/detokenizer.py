@@ -171,6 +171,9 @@ class IncrementalDetokenizer:
         if start >= end:
             return ""
         self._last_output_text_offset = end
+        last = self._pieces[-1]
+        if end == self._text_len and start == end - len(last):  # one token's text, most steps
+            return last
         return self._text_from(start)[: end - start]
 
     def _decode_next(self, token_id: int) -> str:
@@ -184,9 +187,10 @@ class IncrementalDetokenizer:
         piece = None
         if self._concatenates and self._read == 1 and len(window) == 1:
             # Nothing pending behind the one token emitted last (most steps).
-            text = self._single_text(token_id)
-            if _REPLACEMENT_CHAR not in text and _REPLACEMENT_CHAR not in self._single_text(
-                    window[0]):
+            singles = self._single_texts
+            text = singles.get(token_id) or self._single_text(token_id)
+            last = singles.get(window[0]) or self._single_text(window[0])
+            if _REPLACEMENT_CHAR not in text and _REPLACEMENT_CHAR not in last:
                 piece = self._prefix_text = text
                 window[0] = token_id
         if piece is None:
