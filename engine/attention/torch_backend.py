@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.engine.attention.metadata import AttentionMetadata, SingleDecode
+from pagedserve.kernels.cpu_decode_attention import available as decode_kernel_available
+from pagedserve.kernels.cpu_decode_attention import decode_attention
 
 # A decode bucket grows while its longest context is at most this factor of its shortest:
 # bounds padding waste at ~1/3 of the gathered context, with only a handful of buckets.
@@ -82,9 +84,18 @@ class _Prefill:
 
 
 @dataclass(slots=True)
+class _PagedDecodes:
+    """The step's decodes for the CPU kernel, which attends straight from the cache."""
+    rows: torch.Tensor  # [S] int64: each decode token's row in the flat batch
+    block_table: torch.Tensor  # [S, width] int32, contiguous
+    ctx_lens: torch.Tensor  # [S] int32
+
+
+@dataclass(slots=True)
 class _State:
     decodes: list[_DecodeBucket]
     prefills: list[_Prefill]
+    paged: _PagedDecodes | None = None  # instead of decodes, where the CPU kernel is built
 
 
 def _buckets(ctx_lens: np.ndarray) -> list[tuple[int, int]]:
@@ -117,6 +128,11 @@ class TorchAttentionBackend:
         query_lens, seq_lens = np.asarray(md.query_lens_cpu), np.asarray(md.seq_lens_cpu)
         decodes = np.flatnonzero(query_lens == 1)
         ctx_lens = seq_lens[decodes]
+        prefills = [self._prefill(md, i, md.query_start_loc_cpu)
+                    for i in np.flatnonzero(query_lens > 1).tolist()]
+        if len(decodes) and md.slot_mapping.device.type == "cpu" and decode_kernel_available():
+            md.backend_state = _State([], prefills, self._paged(md, decodes, qsl, ctx_lens))
+            return
         order = np.argsort(ctx_lens, kind="stable")
         bounds = _buckets(ctx_lens[order])
         if len(bounds) > 1:  # buckets are runs of contexts in length order
@@ -126,9 +142,17 @@ class TorchAttentionBackend:
         md.backend_state = _State(
             decodes=[self._decode_bucket(md, decodes[a:b], qsl, ctx_lens[a:b])
                      for a, b in bounds],
-            prefills=[self._prefill(md, i, md.query_start_loc_cpu)
-                      for i in np.flatnonzero(query_lens > 1).tolist()],
+            prefills=prefills,
         )
+
+    @staticmethod
+    def _paged(md: AttentionMetadata, seqs: np.ndarray, qsl: np.ndarray,
+               ctx_lens: np.ndarray) -> _PagedDecodes:
+        rows = qsl[seqs].astype(np.int64)
+        whole = len(seqs) == len(md.seq_lens_cpu)  # every sequence decodes: the whole table
+        table = md.block_table if whole else md.block_table[torch.from_numpy(seqs)]
+        return _PagedDecodes(torch.from_numpy(rows), table.to(torch.int32).contiguous(),
+                             torch.from_numpy(ctx_lens.astype(np.int32)))
 
     def _decode_bucket(self, md: AttentionMetadata, seqs: np.ndarray, qsl: np.ndarray,
                        ctx_lens: np.ndarray) -> _DecodeBucket:
@@ -170,7 +194,12 @@ class TorchAttentionBackend:
             return _decode_whole(q, k, v, kv_cache, md.slot_mapping, state.decodes[0],
                                  scale, sliding_window)
         write_kv_cache(k, v, kv_cache, md.slot_mapping)
-        out = torch.empty_like(q)
+        if state.paged is not None:
+            out = _paged_decode(q, kv_cache, state.paged, scale, sliding_window)
+            if not state.prefills:
+                return out
+        else:
+            out = torch.empty_like(q)
         cache_dtype = kv_cache.dtype
         for bucket in state.decodes:
             if bucket.buffers is None:
@@ -196,6 +225,16 @@ class TorchAttentionBackend:
                 query = query.to(cache_dtype)
             out[p.start:p.end] = _attend(query, key, value, p.mask(sliding_window), scale)[0]
         return out
+
+
+def _paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, paged: _PagedDecodes, scale: float,
+                  sliding_window: int | None) -> torch.Tensor:
+    """Attention of the decode rows by the CPU kernel (fp32 queries and outputs), as a
+    tensor like q whose other rows are for the caller to fill."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    decode_attention(out, q.float().contiguous(), kv_cache, paged.block_table, paged.ctx_lens,
+                     paged.rows, scale, sliding_window)
+    return out.to(q.dtype)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from pagedserve.engine.attention import AttentionMetadata
+from pagedserve.engine.attention import AttentionMetadata, torch_backend
 from pagedserve.engine.attention.torch_backend import (
     TorchAttentionBackend,
     attend_single,
     single_decode,
 )
 from pagedserve.engine.models.mkl_packed import mkl_packing_available, pack_weight, packed_linear
+from pagedserve.kernels import cpu_decode_attention
 
 
 def reference(q, k_ctx, v_ctx, scale):
@@ -37,12 +38,19 @@ BATCHES = {
 }
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "sdpa"])
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 1)])
-def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch):
+def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch, kernel, monkeypatch):
     """fp32 activations over an fp32 cache, or over a bf16 one (--kv-cache-dtype bfloat16):
-    the new K/V are stored rounded, and attention over the cache runs in its dtype."""
+    the new K/V are stored rounded, and attention over the cache runs in its dtype (SDPA) or
+    in fp32 from it (the CPU decode kernel). Decodes go through the kernel where it is
+    built, else through SDPA over gathered contexts."""
+    if kernel:
+        assert cpu_decode_attention.available(), "the CPU decode kernel did not build"
+    else:
+        monkeypatch.setattr(torch_backend, "decode_kernel_available", lambda: False)
     gen = torch.Generator().manual_seed(num_heads * 10 + num_kv_heads)
     head_dim, block_size, num_blocks = 16, 4, 300
     seqs = BATCHES[batch]
@@ -78,7 +86,9 @@ def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch):
     )
     backend = TorchAttentionBackend(num_heads, num_kv_heads)
     backend.prepare(md)
-    if batch.startswith("like decodes"):  # one bucket: in batch order, whatever its contexts
+    if kernel:
+        assert md.backend_state.paged is not None and not md.backend_state.decodes
+    elif batch.startswith("like decodes"):  # one bucket: in batch order, whatever its contexts
         assert [b.token_index for b in md.backend_state.decodes] == [None]
     scale = head_dim**-0.5
     before = kv_cache.clone()
@@ -88,7 +98,9 @@ def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch):
         # cache write, the same result.
         own = attend_single(q, k, v, before, single_decode(md, num_blocks), scale)
         assert torch.equal(before, kv_cache)
-        torch.testing.assert_close(own, out, atol=1e-5, rtol=1e-5)
+        # (attend_single attends a bf16 cache in bf16, the kernel in fp32)
+        tol = 1e-5 if cache_dtype == torch.float32 or not kernel else 3e-2
+        torch.testing.assert_close(own, out, atol=tol, rtol=tol)
 
     for i, (cached, new) in enumerate(seqs):
         # The context as the cache holds it after the write (the backend wrote k/v).

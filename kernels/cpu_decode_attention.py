@@ -1,0 +1,193 @@
+"""Decode attention on a CPU straight from the paged KV cache, in C++ built at first use.
+
+Each decode query (one token a sequence) attends over its context by walking its block
+table: every cached key and value is read once, where the torch path first copies the
+context out of the cache (index_select) and then runs SDPA over the copy, whose CPU kernel
+has a high fixed cost per (sequence, head) at one query row. Batched decode spends most of
+its step in attention on a CPU, so this is the kernel that sets batched decode speed there.
+
+Built with torch.utils.cpp_extension (a C++ compiler and ninja, as inductor needs too) into
+the torch extensions cache, so only the first start pays the ~30 s build; work is split
+over (sequence, KV head) pairs on torch's own thread pool. `available()` is False when the
+kernel could not be built: callers then take the torch path."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// Element d of a cache row as float. bf16 is widened by a shift of its bits, which the
+// compiler vectorizes (c10::BFloat16's own conversion it does not).
+template <typename T>
+static inline float load(const T* row, int64_t d) { return static_cast<float>(row[d]); }
+template <>
+inline float load<at::BFloat16>(const at::BFloat16* row, int64_t d) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(row)[d]) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// out[rows[i]] = softmax(q[rows[i]] K^T * scale) V over sequence i's context, read from the
+// cache through its block table. q, out: [T, H, D] float32; cache: [2, blocks, block_size,
+// Hkv, D]; table: [S, width] int32; ctx_lens: [S] int32 (the query is the context's last
+// token); window > 0: only the window's latest keys. D is a template argument where it is
+// one of the usual sizes (the row loops then compile to straight vector code), else 0.
+template <typename T, int64_t kDim>
+static void decode_kernel(const float* q, float* out, const T* cache, const int* table,
+                          const int* ctx_lens, const int64_t* rows, int64_t num_seqs,
+                          int64_t width, int64_t num_blocks, int64_t block_size,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t dim_arg,
+                          float scale, int64_t window) {
+  const int64_t head_dim = kDim ? kDim : dim_arg;
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t plane = num_blocks * block_size * num_kv_heads * head_dim;
+  const int64_t token_stride = num_kv_heads * head_dim;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc(group * head_dim), qf(group * head_dim), best(group),
+        total(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t ctx = ctx_lens[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      const int64_t n = ctx - first;
+      const float* qs = q + (rows[s] * num_heads + h * group) * head_dim;
+      for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = qs[i] * scale;
+      scores.resize(group * n);
+      float* __restrict sc = scores.data();
+      const T* keys = cache + h * head_dim;
+      const T* values = cache + plane + h * head_dim;
+      // Scores, one key row at a time (each row read once for all the group's queries).
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = first + j;
+        const int64_t slot = (int64_t)table[s * width + t / block_size] * block_size
+                             + t % block_size;
+        const T* __restrict k = keys + slot * token_stride;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* __restrict qg = qf.data() + g * head_dim;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * load(k, d);
+          sc[g * n + j] = dot;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* __restrict sg = sc + g * n;
+        float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < n; ++j) top = std::max(top, sg[j]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) {
+          sg[j] = std::exp(sg[j] - top);
+          sum += sg[j];
+        }
+        total[g] = sum;
+      }
+      // Weighted values, one value row at a time.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = first + j;
+        const int64_t slot = (int64_t)table[s * width + t / block_size] * block_size
+                             + t % block_size;
+        const T* __restrict v = values + slot * token_stride;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = sc[g * n + j];
+          float* __restrict ag = acc.data() + g * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * load(v, d);
+        }
+      }
+      float* os = out + (rows[s] * num_heads + h * group) * head_dim;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < head_dim; ++d)
+          os[g * head_dim + d] = acc[g * head_dim + d] / total[g];
+    }
+  });
+}
+
+void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
+                      torch::Tensor table, torch::Tensor ctx_lens, torch::Tensor rows,
+                      double scale, int64_t window) {
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && cache.is_contiguous()
+              && table.is_contiguous() && ctx_lens.is_contiguous() && rows.is_contiguous());
+  TORCH_CHECK(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat);
+  TORCH_CHECK(table.scalar_type() == at::kInt && ctx_lens.scalar_type() == at::kInt
+              && rows.scalar_type() == at::kLong);
+  const int64_t num_seqs = rows.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "decode", [&] {
+    auto kernel = q.size(2) == 64    ? decode_kernel<scalar_t, 64>
+                  : q.size(2) == 128 ? decode_kernel<scalar_t, 128>
+                                     : decode_kernel<scalar_t, 0>;
+    kernel(q.data_ptr<float>(), out.data_ptr<float>(), cache.data_ptr<scalar_t>(),
+           table.data_ptr<int>(), ctx_lens.data_ptr<int>(), rows.data_ptr<int64_t>(),
+           num_seqs, table.size(1), cache.size(1), cache.size(2), q.size(1), cache.size(3),
+           q.size(2), (float)scale, window);
+  });
+}
+"""
+
+
+def _cpu_fingerprint() -> str:
+    """A short hash of this CPU's instruction sets: the build is -march=native, and a home
+    directory (with its build cache) can move to a machine with fewer of them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+@functools.cache
+def _module():
+    """The built extension, or None (logged once) when it cannot be built here."""
+    from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+    name = f"pagedserve_cpu_decode_attention_{_cpu_fingerprint()}"
+    try:
+        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+            logger.warning("Building the CPU decode attention kernel (once, ~30 s; cached)")
+        return load_inline(
+            name, cpp_sources=[_SOURCE],
+            functions=["decode_attention"],
+            # -fopenmp: at::parallel_for is OpenMP in torch's headers (it finds torch's own
+            # libgomp already loaded); fast-math lets the row sums and exp vectorize.
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math",
+                          "-fno-finite-math-only"],
+            extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja: the torch path still serves
+        logger.warning("Building the CPU decode attention kernel failed, using SDPA: %s: %s",
+                       type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it on the first call)."""
+    return _module() is not None
+
+
+def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
+                     block_table: torch.Tensor, ctx_lens: torch.Tensor, rows: torch.Tensor,
+                     scale: float, sliding_window: int | None) -> None:
+    """out[rows[i]] = attention of q[rows[i]] over sequence i's context in kv_cache.
+    q, out: [T, H, D] float32 contiguous; kv_cache: [2, blocks, block_size, Hkv, D];
+    block_table: [S, width] int32; ctx_lens: [S] int32, each query its context's last
+    token; rows: [S] int64."""
+    _module().decode_attention(out, q, kv_cache, block_table, ctx_lens, rows, scale,
+                               sliding_window or 0)
