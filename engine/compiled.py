@@ -20,7 +20,7 @@ import time
 import torch
 
 from pagedserve.engine.attention import AttentionMetadata, SingleDecode, compiled_step
-from pagedserve.engine.attention.torch_backend import single_decode
+from pagedserve.engine.attention.torch_backend import single_decode, use_single_decode_kernel
 from pagedserve.engine.loader.resolve import pagedserve_cache_dir
 from pagedserve.engine.models.quantized import PACKED_MAX_ROWS
 
@@ -64,6 +64,8 @@ class CompiledForward:
         # models with one attend through the opaque op in every step.
         self.attend_in_graph = all(getattr(m, "sliding_window", None) is None
                                    for m in model.modules())
+        if self.attend_in_graph:
+            use_single_decode_kernel()
         for cache in kv_caches:
             # Its block count is not baked in: engines with caches of other sizes then share
             # the compiled code.

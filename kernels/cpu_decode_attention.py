@@ -140,6 +140,34 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
            q.size(2), (float)scale, window);
   });
 }
+
+// One sequence's one-token step inside a compiled graph (engine/compiled.py): q [1, H, D] in
+// any float dtype over its context's cache slots, [ctx] int64 with its own last. The slots
+// are a one-row block table of one-slot blocks over the same memory.
+torch::Tensor decode_single(torch::Tensor q, torch::Tensor cache, torch::Tensor slots,
+                            double scale) {
+  TORCH_CHECK(cache.is_contiguous() && q.size(0) == 1);
+  const auto qf = q.to(at::kFloat).contiguous();
+  auto out = torch::empty_like(qf);
+  const auto table = slots.to(at::kInt).contiguous();
+  const int ctx = static_cast<int>(slots.size(0));
+  const int64_t row = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "single", [&] {
+    auto kernel = q.size(2) == 64    ? decode_kernel<scalar_t, 64>
+                  : q.size(2) == 128 ? decode_kernel<scalar_t, 128>
+                                     : decode_kernel<scalar_t, 0>;
+    kernel(qf.data_ptr<float>(), out.data_ptr<float>(), cache.data_ptr<scalar_t>(),
+           table.data_ptr<int>(), &ctx, &row, 1, ctx, cache.size(1) * cache.size(2), 1,
+           q.size(1), cache.size(3), q.size(2), (float)scale, 0);
+  });
+  return out.to(q.scalar_type());
+}
+
+// An operator, so that a compiled graph calls it through the dispatcher, with no Python.
+TORCH_LIBRARY(pagedserve_cpu, m) {
+  m.def("decode_single(Tensor q, Tensor kv_cache, Tensor context_slots, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("decode_single", &decode_single); }
 """
 
 
@@ -163,7 +191,7 @@ def _module():
     try:
         if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
             logger.warning("Building the CPU decode attention kernel (once, ~30 s; cached)")
-        return load_inline(
+        module = load_inline(
             name, cpp_sources=[_SOURCE],
             functions=["decode_attention"],
             # -fopenmp: at::parallel_for is OpenMP in torch's headers (it finds torch's own
@@ -175,6 +203,10 @@ def _module():
         logger.warning("Building the CPU decode attention kernel failed, using SDPA: %s: %s",
                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
+    # Its shape for tracing: like the query.
+    torch.library.register_fake("pagedserve_cpu::decode_single")(
+        lambda q, kv_cache, context_slots, scale: torch.empty_like(q))
+    return module
 
 
 def available() -> bool:

@@ -1,7 +1,9 @@
 """PyTorch attention over the paged cache (the CPU path and the reference).
 
-Decodes are gathered through their block tables and attended in a few padded SDPA calls,
-bucketed by context length so that short contexts don't pay for long ones. Prefill chunks
+On a CPU, decodes go to a C++ kernel that reads their contexts straight from the cache
+(kernels/cpu_decode_attention.py). Elsewhere, or where it did not build, they are gathered
+through their block tables and attended in a few padded SDPA calls, bucketed by context
+length so that short contexts don't pay for long ones. Prefill chunks
 run one request at a time (they are few and long): a chunk with no cached context attends
 over its own K/V with a plain causal SDPA, with no gather at all."""
 
@@ -284,15 +286,30 @@ def single_decode(md: AttentionMetadata, num_cache_blocks: int) -> SingleDecode:
     return SingleDecode(torch.cat((slot, slot + num_cache_blocks * bs)), context)
 
 
+# Whether attend_single calls the CPU decode kernel's operator (set before compiling, by
+# use_single_decode_kernel(): the graph holds whichever op this said when it was traced).
+_single_decode_kernel = False
+
+
+def use_single_decode_kernel() -> bool:
+    """Have attend_single use the CPU decode kernel where it is built; returns whether."""
+    global _single_decode_kernel
+    _single_decode_kernel = decode_kernel_available()
+    return _single_decode_kernel
+
+
 def attend_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   decode: SingleDecode, scale: float) -> torch.Tensor:
-    """A one-token step's attention in ops a compiled graph can hold (inductor fuses the
-    cache write and the gather into one loop): q [1, H, D] over its context's slots, its
-    own last, straight from the cache. The query sees its whole context: no mask."""
+    """A one-token step's attention in ops a compiled graph can hold: q [1, H, D] over its
+    context's slots, its own last, straight from the cache, by the CPU decode kernel's
+    operator or else by SDPA over a gather (inductor fuses the cache write and the gather
+    into one loop). The query sees its whole context: no mask."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_slots = num_blocks * block_size
     rows = kv_cache.view(2 * num_slots, num_kv_heads, head_dim)
     rows.index_put_((decode.write_rows,), torch.cat((k, v)).to(kv_cache.dtype))
+    if _single_decode_kernel:
+        return torch.ops.pagedserve_cpu.decode_single(q, kv_cache, decode.context_slots, scale)
     # [2, 1, Hkv, ctx, D]: keys and values of the context, heads first.
     kv = rows.view(2, num_slots, num_kv_heads, head_dim).index_select(
         1, decode.context_slots).transpose(1, 2)[:, None]

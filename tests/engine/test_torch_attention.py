@@ -51,6 +51,8 @@ def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch, kernel, 
         assert cpu_decode_attention.available(), "the CPU decode kernel did not build"
     else:
         monkeypatch.setattr(torch_backend, "decode_kernel_available", lambda: False)
+    # attend_single (the compiled one-token graph's attention) takes the same path.
+    monkeypatch.setattr(torch_backend, "_single_decode_kernel", kernel)
     gen = torch.Generator().manual_seed(num_heads * 10 + num_kv_heads)
     head_dim, block_size, num_blocks = 16, 4, 300
     seqs = BATCHES[batch]
@@ -98,9 +100,7 @@ def test_matches_reference(num_heads, num_kv_heads, cache_dtype, batch, kernel, 
         # cache write, the same result.
         own = attend_single(q, k, v, before, single_decode(md, num_blocks), scale)
         assert torch.equal(before, kv_cache)
-        # (attend_single attends a bf16 cache in bf16, the kernel in fp32)
-        tol = 1e-5 if cache_dtype == torch.float32 or not kernel else 3e-2
-        torch.testing.assert_close(own, out, atol=tol, rtol=tol)
+        torch.testing.assert_close(own, out, atol=1e-5, rtol=1e-5)
 
     for i, (cached, new) in enumerate(seqs):
         # The context as the cache holds it after the write (the backend wrote k/v).
