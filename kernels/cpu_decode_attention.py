@@ -59,8 +59,7 @@ static void decode_kernel(const float* q, float* out, const T* cache, const int*
   const int64_t plane = num_blocks * block_size * num_kv_heads * head_dim;
   const int64_t token_stride = num_kv_heads * head_dim;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(group * head_dim), qf(group * head_dim), best(group),
-        total(group);
+    std::vector<float> scores, acc(group * head_dim), qf(group * head_dim), total(group);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t ctx = ctx_lens[s];
@@ -72,12 +71,14 @@ static void decode_kernel(const float* q, float* out, const T* cache, const int*
       float* __restrict sc = scores.data();
       const T* keys = cache + h * head_dim;
       const T* values = cache + plane + h * head_dim;
+      const int* blocks = table + s * width;
+      // Where token t of the context sits in a cache plane, for this KV head.
+      auto row = [&](int64_t t) {
+        return ((int64_t)blocks[t / block_size] * block_size + t % block_size) * token_stride;
+      };
       // Scores, one key row at a time (each row read once for all the group's queries).
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t t = first + j;
-        const int64_t slot = (int64_t)table[s * width + t / block_size] * block_size
-                             + t % block_size;
-        const T* __restrict k = keys + slot * token_stride;
+        const T* __restrict k = keys + row(first + j);
         for (int64_t g = 0; g < group; ++g) {
           const float* __restrict qg = qf.data() + g * head_dim;
           float dot = 0.f;
@@ -102,10 +103,7 @@ static void decode_kernel(const float* q, float* out, const T* cache, const int*
       // Weighted values, one value row at a time.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t t = first + j;
-        const int64_t slot = (int64_t)table[s * width + t / block_size] * block_size
-                             + t % block_size;
-        const T* __restrict v = values + slot * token_stride;
+        const T* __restrict v = values + row(first + j);
         for (int64_t g = 0; g < group; ++g) {
           const float p = sc[g * n + j];
           float* __restrict ag = acc.data() + g * head_dim;
@@ -121,6 +119,14 @@ static void decode_kernel(const float* q, float* out, const T* cache, const int*
   });
 }
 
+// The kernel for this head size: compiled for it where it is a usual one.
+template <typename T>
+static auto kernel_for(int64_t head_dim) {
+  return head_dim == 64    ? decode_kernel<T, 64>
+         : head_dim == 128 ? decode_kernel<T, 128>
+                           : decode_kernel<T, 0>;
+}
+
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
                       torch::Tensor table, torch::Tensor ctx_lens, torch::Tensor rows,
                       double scale, int64_t window) {
@@ -131,13 +137,11 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
               && rows.scalar_type() == at::kLong);
   const int64_t num_seqs = rows.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "decode", [&] {
-    auto kernel = q.size(2) == 64    ? decode_kernel<scalar_t, 64>
-                  : q.size(2) == 128 ? decode_kernel<scalar_t, 128>
-                                     : decode_kernel<scalar_t, 0>;
-    kernel(q.data_ptr<float>(), out.data_ptr<float>(), cache.data_ptr<scalar_t>(),
-           table.data_ptr<int>(), ctx_lens.data_ptr<int>(), rows.data_ptr<int64_t>(),
-           num_seqs, table.size(1), cache.size(1), cache.size(2), q.size(1), cache.size(3),
-           q.size(2), (float)scale, window);
+    kernel_for<scalar_t>(q.size(2))(
+        q.data_ptr<float>(), out.data_ptr<float>(), cache.data_ptr<scalar_t>(),
+        table.data_ptr<int>(), ctx_lens.data_ptr<int>(), rows.data_ptr<int64_t>(), num_seqs,
+        table.size(1), cache.size(1), cache.size(2), q.size(1), cache.size(3), q.size(2),
+        (float)scale, window);
   });
 }
 
@@ -153,12 +157,10 @@ torch::Tensor decode_single(torch::Tensor q, torch::Tensor cache, torch::Tensor 
   const int ctx = static_cast<int>(slots.size(0));
   const int64_t row = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "single", [&] {
-    auto kernel = q.size(2) == 64    ? decode_kernel<scalar_t, 64>
-                  : q.size(2) == 128 ? decode_kernel<scalar_t, 128>
-                                     : decode_kernel<scalar_t, 0>;
-    kernel(qf.data_ptr<float>(), out.data_ptr<float>(), cache.data_ptr<scalar_t>(),
-           table.data_ptr<int>(), &ctx, &row, 1, ctx, cache.size(1) * cache.size(2), 1,
-           q.size(1), cache.size(3), q.size(2), (float)scale, 0);
+    kernel_for<scalar_t>(q.size(2))(
+        qf.data_ptr<float>(), out.data_ptr<float>(), cache.data_ptr<scalar_t>(),
+        table.data_ptr<int>(), &ctx, &row, 1, ctx, cache.size(1) * cache.size(2), 1,
+        q.size(1), cache.size(3), q.size(2), (float)scale, 0);
   });
   return out.to(q.scalar_type());
 }

@@ -155,3 +155,16 @@ def test_dummy_prefill_for_gpu_memory_profiling(tiny_dir):
     runner.attn_backend.prepare(md)
     hidden = runner.model(input_ids, positions, caches, md)
     assert hidden.shape[0] == 250 and torch.isfinite(hidden).all()
+
+
+def test_decode_kernel_that_cannot_build_leaves_sdpa(monkeypatch, caplog):
+    """No compiler or ninja: a warning, and no kernel (the backend then takes SDPA)."""
+    import torch.utils.cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", fail)
+    with caplog.at_level("WARNING"):
+        assert cpu_decode_attention._module.__wrapped__() is None  # the uncached build
+    assert "using SDPA" in caplog.text and "no C++ compiler here" in caplog.text
