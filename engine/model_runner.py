@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pagedserve.engine.attention import AttentionMetadata, get_attention_backend
+from pagedserve.engine.attention.torch_backend import decode_kernel_available
 from pagedserve.engine.compiled import CompiledForward
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cuda_graph import CudaGraphRunner
@@ -198,6 +199,10 @@ class ModelRunner:
                                         or num_heads)[1]
         self.attn_backend = get_attention_backend(
             backend_name, tp.split(num_heads, "num_attention_heads"), self.num_kv_heads)
+        if backend_name == "torch" and self.device.type == "cpu":
+            # Build (once per machine, ~30 s) or load the CPU decode kernel now, not on the
+            # first request's first decode step.
+            decode_kernel_available()
 
         self.model = self._load_model(get_model_class(hf_config), model_dir)
         self.sampler = Sampler()
