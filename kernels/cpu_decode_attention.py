@@ -187,10 +187,11 @@ def _cpu_fingerprint() -> str:
 @functools.cache
 def _module():
     """The built extension, or None (logged once) when it cannot be built here."""
-    from torch.utils.cpp_extension import _get_build_directory, load_inline
-
     name = f"pagedserve_cpu_decode_attention_{_cpu_fingerprint()}"
     try:
+        # (torch's build helpers: inside the try, as a torch without them cannot build)
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
+
         if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
             logger.warning("Building the CPU decode attention kernel (once, ~30 s; cached)")
         module = load_inline(
