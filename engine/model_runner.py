@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from pagedserve.engine.attention import AttentionMetadata, get_attention_backend
-from pagedserve.engine.attention.torch_backend import decode_kernel_available
 from pagedserve.engine.compiled import CompiledForward
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cuda_graph import CudaGraphRunner
@@ -50,6 +49,7 @@ from pagedserve.engine.sampler import (
     host_to_device,
 )
 from pagedserve.engine.scheduler import SchedulerOutput
+from pagedserve.kernels.cpu_decode_attention import available as decode_kernel_available
 
 if TYPE_CHECKING:
     from pagedserve.engine.structured_output import GrammarBitmask

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import GREEDY_BELOW, SamplingParams
 
 # How many best tokens top-k / top-p look at before a full sort (see _truncate).
 _CANDIDATE_SIZES = (64, 1024)
@@ -25,7 +25,7 @@ class SamplingRows:
     """The per-row sampling knobs of one batch as arrays: what the runner's persistent input
     batch keeps for each of its rows, gathered for the rows that sample this step."""
 
-    temperature: np.ndarray  # [B] float32; below 1e-5 samples greedily
+    temperature: np.ndarray  # [B] float32; below GREEDY_BELOW samples greedily
     top_k: np.ndarray  # [B] int64; 0 disables
     top_p: np.ndarray  # [B] float32; 1.0 disables
     min_p: np.ndarray  # [B] float32; 0.0 disables
@@ -66,9 +66,9 @@ class SamplingRows:
         """Every row samples the argmax of the model's own logits and returns nothing else:
         greedy, no logprobs, nothing that edits logits (bias, min_tokens, penalties). Such a
         step reads only each row's best token, never the rest of the distribution."""
-        return bool((self.temperature < 1e-5).all() and (self.num_logprobs < 0).all()
-                    and (self.repetition_penalty == 1.0).all()
-                    and not self.frequency_penalty.any() and not self.presence_penalty.any()
+        return bool((self.temperature < GREEDY_BELOW).all() and (self.num_logprobs < 0).all()
+                    and not has_penalty(self.repetition_penalty, self.frequency_penalty,
+                                        self.presence_penalty).any()
                     and not self.logit_bias and not self.blocked_stop_ids)
 
 
@@ -145,7 +145,7 @@ class SamplingMetadata:
         def tensor(values, dtype=torch.int64) -> torch.Tensor:
             return host_to_device(values, device, dtype)
 
-        greedy = rows.temperature < 1e-5
+        greedy = rows.temperature < GREEDY_BELOW
         random = np.flatnonzero(~greedy)
         all_random = random.size == len(greedy)
         temperature = rows.temperature[random]

@@ -7,6 +7,8 @@ import json as json_lib
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# A temperature below this samples greedily (the argmax), here and in the sampler.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(slots=True)
@@ -197,7 +199,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_BELOW
 
     @property
     def max_stop_str_len(self) -> int:
