@@ -1,6 +1,7 @@
 """The CPU linear kernels a quantized model can run on, by batch rows, at SmolLM2-135M's
-shapes: fp32 (MKL, weight pre-packed: today's exact path), dense bf16, and torch's packed
-int4 (group 32) and int8 weight-only kernels. Where the packed kernels stop winning sets
+shapes: fp32 (MKL, weight pre-packed: today's exact path), dense bf16, torch's packed
+int4 (group 32) and int8 weight-only kernels, and our int4 kernel (int8 activations, VNNI:
+kernels/cpu_int4_linear.py) where it is built. Where the packed kernels stop winning sets
 engine/models/quantized.py's PACKED_MAX_ROWS; how far they fall behind beyond it is why
 a dense bf16 copy serves prefill and big batches.
 
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from pagedserve.kernels import cpu_int4_linear
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SHAPES = {"qkv 576->960": (576, 960), "gate_up 576->3072": (576, 3072),
@@ -45,6 +48,9 @@ def kernels(k: int, n: int):
     int8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
     scales = torch.rand(n, generator=gen).bfloat16()
     dense = w.bfloat16()
+    vnni = (cpu_int4_linear.pack(codes, scales_zeros[..., 0].t().float(),
+                                 scales_zeros[..., 1].t().float())
+            if cpu_int4_linear.available() else None)
     return {
         "fp32 (MKL packed)": lambda x: (torch.ops.mkl._mkl_linear(x, packed_fp32, w, None,
                                                                   x.shape[0])
@@ -53,6 +59,8 @@ def kernels(k: int, n: int):
         "int4 packed": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.bfloat16(), int4, 32, scales_zeros),
         "int8 packed": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), int8, scales),
+        **({"int4 VNNI (ours)": lambda x: cpu_int4_linear.int4_linear(x, vnni, n)}
+           if vnni is not None else {}),
     }
 
 

@@ -6,24 +6,18 @@ context out of the cache (index_select) and then runs SDPA over the copy, whose 
 has a high fixed cost per (sequence, head) at one query row. Batched decode spends most of
 its step in attention on a CPU, so this is the kernel that sets batched decode speed there.
 
-Built with torch.utils.cpp_extension (a C++ compiler and ninja, as inductor needs too) into
-the torch extensions cache, so only the first start pays the ~30 s build; work is split
-over (sequence, KV head) pairs on torch's own thread pool. `available()` is False when the
-kernel could not be built: callers then take the torch path."""
+Work is split over (sequence, KV head) pairs on torch's own thread pool. Built with the
+other CPU kernels (cpu_extension.py); `available()` is False where they could not be built:
+callers then take the torch path."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import platform
-from pathlib import Path
-
 import torch
 
-logger = logging.getLogger(__name__)
+from pagedserve.kernels import cpu_extension
 
-_SOURCE = r"""
+FUNCTIONS = ["decode_attention"]
+SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -166,55 +160,22 @@ torch::Tensor decode_single(torch::Tensor q, torch::Tensor cache, torch::Tensor 
 }
 
 // An operator, so that a compiled graph calls it through the dispatcher, with no Python.
-TORCH_LIBRARY(pagedserve_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
   m.def("decode_single(Tensor q, Tensor kv_cache, Tensor context_slots, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("decode_single", &decode_single); }
 """
 
 
-def _cpu_fingerprint() -> str:
-    """A short hash of this CPU's instruction sets: the build is -march=native, and a home
-    directory (with its build cache) can move to a machine with fewer of them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
-
-
-@functools.cache
-def _module():
-    """The built extension, or None (logged once) when it cannot be built here."""
-    name = f"pagedserve_cpu_decode_attention_{_cpu_fingerprint()}"
-    try:
-        # (torch's build helpers: inside the try, as a torch without them cannot build)
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-
-        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
-            logger.warning("Building the CPU decode attention kernel (once, ~30 s; cached)")
-        module = load_inline(
-            name, cpp_sources=[_SOURCE],
-            functions=["decode_attention"],
-            # -fopenmp: at::parallel_for is OpenMP in torch's headers (it finds torch's own
-            # libgomp already loaded); fast-math lets the row sums and exp vectorize.
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math",
-                          "-fno-finite-math-only"],
-            extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler, no ninja: the torch path still serves
-        logger.warning("Building the CPU decode attention kernel failed, using SDPA: %s: %s",
-                       type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
-    # Its shape for tracing: like the query.
+def register_fakes() -> None:
+    """Shapes for tracing the operators (engine/compiled.py), once the extension is built."""
     torch.library.register_fake("pagedserve_cpu::decode_single")(
         lambda q, kv_cache, context_slots, scale: torch.empty_like(q))
-    return module
 
 
 def available() -> bool:
     """Whether the kernel is built (building it on the first call)."""
-    return _module() is not None
+    return cpu_extension.module() is not None
 
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
@@ -224,5 +185,5 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
     q, out: [T, H, D] float32 contiguous; kv_cache: [2, blocks, block_size, Hkv, D];
     block_table: [S, width] int32; ctx_lens: [S] int32, each query its context's last
     token; rows: [S] int64."""
-    _module().decode_attention(out, q, kv_cache, block_table, ctx_lens, rows, scale,
-                               sliding_window or 0)
+    cpu_extension.module().decode_attention(out, q, kv_cache, block_table, ctx_lens, rows,
+                                            scale, sliding_window or 0)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.engine.models.mkl_packed import mkl_packing_available, pack_weight, packed_linear
+from pagedserve.kernels import cpu_int4_linear
 
 logger = logging.getLogger(__name__)
 
@@ -130,33 +131,41 @@ class QuantizedLinear(nn.Module):
         n, k = weight.codes.shape
         self.in_features, self.out_features = k, n
         self.scheme = "int4" if isinstance(weight, Int4Weight) else "int8"
-        if self.scheme == "int4":
-            if n % 16:
-                raise ValueError(f"int4 needs out_features divisible by 16, got {n}")
+        # int4 on our VNNI kernel where it is built (its fp16 scales and mins are inside
+        # `packed`), else on torch's (bf16 scales and zeros).
+        self.vnni = self.scheme == "int4" and cpu_int4_linear.available()
+        if self.scheme == "int4" and n % 16:
+            raise ValueError(f"int4 needs out_features divisible by 16, got {n}")
+        if self.vnni:
+            scales, mins = _fp16(weight.scales), _fp16(weight.zeros - 8 * weight.scales)
+            self.register_buffer("packed", cpu_int4_linear.pack(weight.codes, scales, mins))
+            weight = Int4Weight(weight.codes, scales, mins + 8 * scales)
+            self.register_buffer("scales_zeros", None)
+        elif self.scheme == "int4":
+            weight = Int4Weight(weight.codes, _bf16(weight.scales), _bf16(weight.zeros))
             # The kernel takes the codes as int32 [N, K] and packs them its own way.
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 weight.codes.to(torch.int32), 1))
             self.register_buffer("scales_zeros", torch.stack(
                 [weight.scales.t(), weight.zeros.t()], dim=-1).to(torch.bfloat16).contiguous())
         else:
+            weight = Int8Weight(weight.codes, _bf16(weight.scales))
             self.register_buffer("packed", weight.codes.contiguous())
             self.register_buffer("scales_zeros", weight.scales.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(),
                                                            requires_grad=False)
-        # The copy is made from the bf16-rounded scales and zeros the kernels use.
+        # The copy is made from the rounded scales and zeros the kernels use.
         self.register_buffer("dense", None)
         if dense:
-            if isinstance(weight, Int4Weight):
-                kernel_view = Int4Weight(weight.codes, _bf16(weight.scales), _bf16(weight.zeros))
-            else:
-                kernel_view = Int8Weight(weight.codes, _bf16(weight.scales))
-            self.dense = kernel_view.dequantize().to(dense_dtype)
+            self.dense = weight.dequantize().to(dense_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.dense is not None and x2.shape[0] > PACKED_MAX_ROWS:
             out = F.linear(x2.to(self.dense.dtype), self.dense)
+        elif self.vnni:
+            out = cpu_int4_linear.int4_linear(x2, self.packed, self.out_features)
         elif self.scheme == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_zeros)
@@ -170,7 +179,7 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self.scheme}, dense_copy={self.dense is not None}")
+                f"scheme={self.scheme}, vnni={self.vnni}, dense_copy={self.dense is not None}")
 
 
 class RefinedHead(nn.Module):
@@ -222,6 +231,10 @@ class RefinedHead(nn.Module):
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).float()
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pagedserve.engine.model_runner import cpu_has_bf16
+from pagedserve.kernels import cpu_int4_linear
 from pagedserve.engine.models.quantized import (
     INT4_GROUP,
     PACKED_MAX_ROWS,
@@ -27,8 +28,8 @@ def q4_1_values(n, k, seed=0):
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (n, k // 32, 32), generator=gen)
     codes[..., 0], codes[..., 1] = 0, 15
-    d = torch.rand(n, k // 32, 1, generator=gen).half().float() * 0.01 + 1e-4
-    m = -d * 8 + torch.randn(n, k // 32, 1, generator=gen).half().float() * 1e-3
+    d = (torch.rand(n, k // 32, 1, generator=gen) * 0.01 + 1e-4).half().float()
+    m = (-d * 8 + torch.randn(n, k // 32, 1, generator=gen) * 1e-3).half().float()
     return (d * codes + m).view(n, k), codes.view(n, k), d[..., 0], m[..., 0]
 
 
@@ -63,7 +64,7 @@ def test_int8_is_per_row_symmetric():
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 5])
-def test_quantized_linear_matches_its_dequantized_weight(scheme, dense, rows):
+def test_quantized_linear_matches_its_dequantized_weight(scheme, dense, rows, vnni):
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 4 * INT4_GROUP) * 0.05, torch.randn(96)
     layer = quantize_linear(weight, bias, scheme, dense=dense)
@@ -73,7 +74,7 @@ def test_quantized_linear_matches_its_dequantized_weight(scheme, dense, rows):
     reference = x @ quantized.dequantize().t() + bias
     out = layer(x)
     assert out.dtype == x.dtype and out.shape == (rows, 96)
-    # bf16 activations and outputs: ~3 significant digits.
+    # bf16 or int8 activations: ~3 significant digits.
     scale = reference.abs().max().item()
     assert (out - reference).abs().max().item() < 2e-2 * scale
     # The quantized weight stands for the original one to within its rounding.
@@ -85,12 +86,70 @@ def test_shapes_int4_cannot_take_fall_back_to_int8():
     assert layer.scheme == "int8"
 
 
-def test_the_dense_copy_carries_the_kernels_weight():
+def kernel_view(weight: torch.Tensor, vnni: bool) -> Int4Weight:
+    """quantize_int4(weight) as the int4 kernel holds it: fp16 scales and group minimums in
+    ours, bf16 scales and zeros in torch's."""
+    w = quantize_int4(weight)
+    if not vnni:
+        return Int4Weight(w.codes, w.scales.bfloat16().float(), w.zeros.bfloat16().float())
+    scales, mins = w.scales.half().float(), (w.zeros - 8 * w.scales).half().float()
+    return Int4Weight(w.codes, scales, mins + 8 * scales)
+
+
+@pytest.fixture(params=[True, False], ids=["vnni", "torch-int4"])
+def vnni(request, monkeypatch):
+    """Both int4 kernels: ours where it is built (else skipped), then torch's."""
+    if request.param and not cpu_int4_linear.available():
+        pytest.skip("the VNNI int4 kernel is not built on this CPU")
+    if not request.param:
+        monkeypatch.setattr(cpu_int4_linear, "available", lambda: False)
+    return request.param
+
+
+def test_the_dense_copy_carries_the_kernels_weight(vnni):
     weight = torch.randn(32, 64)
     layer = quantize_linear(weight, None, "int4", dense=True)
-    w = quantize_int4(weight)
-    kernel_view = Int4Weight(w.codes, w.scales.bfloat16().float(), w.zeros.bfloat16().float())
-    assert torch.equal(layer.dense, kernel_view.dequantize().bfloat16())
+    assert layer.vnni == vnni
+    assert torch.equal(layer.dense, kernel_view(weight, vnni).dequantize().bfloat16())
+
+
+def test_vnni_packing_keeps_q4_1_exactly():
+    """GGUF Q4_1's codes, d and m come back from the packed layout as they were stored."""
+    if not cpu_int4_linear.available():
+        pytest.skip("the VNNI int4 kernel is not built on this CPU")
+    values, codes, d, m = q4_1_values(48, 96)
+    layer = quantize_linear(values, None, "int4", dense=False)
+    assert layer.vnni and layer.scales_zeros is None
+    packed_codes, scales, mins = cpu_int4_linear.unpack(layer.packed, 48)
+    assert torch.equal(packed_codes.long(), codes)
+    assert torch.equal(scales, d) and torch.equal(mins, m)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+def test_vnni_int4_kernel_is_its_int8_activations_times_the_weight(rows):
+    """The kernel's one rounding beyond the weight's: each row's groups of 32 activations
+    to int8 (scale max|x| / 127); the rest is exact up to fp32 summation. 11 rows: two
+    passes, of 8 and 3."""
+    if not cpu_int4_linear.available():
+        pytest.skip("the VNNI int4 kernel is not built on this CPU")
+    gen = torch.Generator().manual_seed(rows)
+    codes = torch.randint(0, 16, (48, 160), generator=gen, dtype=torch.uint8)
+    scales, mins = torch.rand(48, 5, generator=gen) * 0.01, torch.randn(48, 5, generator=gen)
+    packed = cpu_int4_linear.pack(codes, scales, mins)
+    weight = (codes.view(48, 5, 32) * scales.half().float()[..., None]
+              + mins.half().float()[..., None]).view(48, 160)
+    x = torch.randn(rows, 160, generator=gen)
+    x[0, :32] = 0  # an all-zero group
+    groups = x.view(rows, 5, 32)
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    x_int8 = (torch.round(groups / torch.where(step > 0, step, 1)) * step).view(rows, 160)
+    out = cpu_int4_linear.int4_linear(x.bfloat16(), packed, 48)
+    assert out.dtype == torch.float32 and out.shape == (rows, 48)
+    torch.testing.assert_close(cpu_int4_linear.int4_linear(x, packed, 48),
+                               (x_int8.double() @ weight.double().t()).float(),
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="does not match its packing"):
+        cpu_int4_linear.int4_linear(x, packed, 32)
 
 
 def test_without_native_bf16_the_dense_copy_is_fp32():
@@ -101,11 +160,10 @@ def test_without_native_bf16_the_dense_copy_is_fp32():
     weight, x = torch.randn(32, 64, generator=gen), torch.randn(PACKED_MAX_ROWS + 1, 64,
                                                                  generator=gen)
     layer = quantize_linear(weight, None, "int4", dense=True, dense_dtype=torch.float32)
-    w = quantize_int4(weight)
-    kernel_view = Int4Weight(w.codes, w.scales.bfloat16().float(), w.zeros.bfloat16().float())
+    dequantized = kernel_view(weight, layer.vnni).dequantize()
     assert layer.dense.dtype == torch.float32
-    assert torch.equal(layer.dense, kernel_view.dequantize())
-    torch.testing.assert_close(layer(x), x @ kernel_view.dequantize().t())  # fp32 all through
+    assert torch.equal(layer.dense, dequantized)
+    torch.testing.assert_close(layer(x), x @ dequantized.t())  # fp32 all through
     head = RefinedHead(weight, dense=True, dense_dtype=torch.float32)
     assert head.dense is None
 

@@ -13,7 +13,7 @@ from pagedserve.engine.attention.torch_backend import (
     single_decode,
 )
 from pagedserve.engine.models.mkl_packed import mkl_packing_available, pack_weight, packed_linear
-from pagedserve.kernels import cpu_decode_attention
+from pagedserve.kernels import cpu_decode_attention, cpu_extension
 
 
 def reference(q, k_ctx, v_ctx, scale):
@@ -157,8 +157,9 @@ def test_dummy_prefill_for_gpu_memory_profiling(tiny_dir):
     assert hidden.shape[0] == 250 and torch.isfinite(hidden).all()
 
 
-def test_decode_kernel_that_cannot_build_leaves_sdpa(monkeypatch, caplog):
-    """No compiler or ninja: a warning, and no kernel (the backend then takes SDPA)."""
+def test_cpu_kernels_that_cannot_build_leave_torchs_ops(monkeypatch, caplog):
+    """No compiler or ninja: a warning, and no kernels (the backend then takes SDPA, the
+    quantized layers torch's int4 kernel)."""
     import torch.utils.cpp_extension
 
     def fail(*args, **kwargs):
@@ -166,5 +167,5 @@ def test_decode_kernel_that_cannot_build_leaves_sdpa(monkeypatch, caplog):
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", fail)
     with caplog.at_level("WARNING"):
-        assert cpu_decode_attention._module.__wrapped__() is None  # the uncached build
-    assert "using SDPA" in caplog.text and "no C++ compiler here" in caplog.text
+        assert cpu_extension.module.__wrapped__() is None  # the uncached build
+    assert "using torch's ops" in caplog.text and "no C++ compiler here" in caplog.text

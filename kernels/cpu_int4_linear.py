@@ -1,0 +1,201 @@
+"""int4 weights times int8 activations on a CPU with AVX512-VNNI, in C++ built at first use.
+
+A decode step of a quantized model reads every weight once per step, so its linear layers
+are as fast as their weight bytes stream from memory. torch's int4 kernel
+(`_weight_int4pack_mm_for_cpu`) unpacks its codes to bf16 and runs out of arithmetic at
+about a quarter of a 2-core machine's memory bandwidth; this kernel multiplies the 4-bit
+codes as bytes (`vpdpbusd`: 64 code-times-activation products an instruction) against the
+activations quantized to int8 per group of 32, as llama.cpp does for its Q4 formats:
+3.3-4.2x torch's kernel at one row on SmolLM2's shapes.
+
+Weights: w = d * q + m per output row and group of 32 inputs, q in 0..15, d and m in fp16
+(GGUF Q4_1's own encoding, so its d and m are kept exactly). Activations: each row's groups
+of 32 scaled to -127..127 and rounded, xq * dx; a group's product is then
+d * dx * sum(q * xq) + m * dx * sum(xq), summed in fp32.
+
+Layout (`pack`): blocks of 16 output rows by one group, 320 bytes each, in row-block then
+group order, so each thread streams its row blocks front to back. In a block, 4 vectors of
+64 code bytes, byte 4r + c of vector p holding row r's codes for inputs 8p + c (low nibble)
+and 8p + 4 + c (high nibble), then the 16 rows' d, then their m.
+
+Built with the other CPU kernels (cpu_extension.py); `available()` is False where they
+could not be built or the CPU lacks AVX512-VNNI: callers then take torch's int4 kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.kernels import cpu_extension
+
+ROWS, GROUP = 16, 32
+FUNCTIONS = ["int4_linear_supported"]
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define PAGEDSERVE_INT4_VNNI 1
+#endif
+
+bool int4_linear_supported() {
+#ifdef PAGEDSERVE_INT4_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef PAGEDSERVE_INT4_VNNI
+namespace int4 {
+constexpr int64_t kRows = 16, kGroup = 32, kBlockBytes = 320, kMaxRows = 8;
+
+// Each row's groups of 32 to int8 codes xq (-127..127) with scales dx and scaled code sums
+// dx * sum(xq): x [M, K] float -> xq [M, K], dx [M, G], sx [M, G].
+static void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx,
+                                 float* sx) {
+  const int64_t G = K / kGroup;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + m * K + g * kGroup;
+      float amax = 0.f;
+      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* qg = xq + m * K + g * kGroup;
+      int sum = 0;
+      for (int64_t i = 0; i < kGroup; ++i) {
+        const int code = static_cast<int>(std::nearbyint(xg[i] * inverse));
+        qg[i] = static_cast<int8_t>(code);
+        sum += code;
+      }
+      dx[m * G + g] = amax / 127.f;
+      sx[m * G + g] = amax / 127.f * sum;
+    }
+}
+
+// out[m, 16 rb .. 16 rb + 15] for row blocks rb in [begin, end), MB activation rows at once
+// (each block's codes are unpacked once for all of them).
+template <int MB>
+static void row_blocks(const uint8_t* w, const int8_t* xq, const float* dx, const float* sx,
+                       float* out, int64_t N, int64_t K, int64_t begin, int64_t end) {
+  const int64_t G = K / kGroup;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t rb = begin; rb < end; ++rb) {
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* block = w + (rb * G + g) * kBlockBytes;
+      __m512i q[8];  // q[j]: the 16 rows' codes for inputs 4j .. 4j + 3
+      for (int p = 0; p < 4; ++p) {
+        const __m512i v = _mm512_loadu_si512(block + 64 * p);
+        q[2 * p] = _mm512_and_si512(v, nibble);
+        q[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      }
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + 256)));
+      const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + 288)));
+      for (int m = 0; m < MB; ++m) {
+        const int32_t* a = reinterpret_cast<const int32_t*>(xq + m * K + g * kGroup);
+        // Two chains of four, for the instruction's latency.
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], _mm512_set1_epi32(a[0]));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], _mm512_set1_epi32(a[1]));
+        for (int j = 2; j < 8; j += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, q[j], _mm512_set1_epi32(a[j]));
+          s1 = _mm512_dpbusd_epi32(s1, q[j + 1], _mm512_set1_epi32(a[j + 1]));
+        }
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+        acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx[m * G + g])), acc[m]);
+        acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx[m * G + g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * N + rb * kRows, acc[m]);
+  }
+}
+
+template <int... MB>
+static void dispatch(std::integer_sequence<int, MB...>, int64_t rows, const uint8_t* w,
+                     const int8_t* xq, const float* dx, const float* sx, float* out, int64_t N,
+                     int64_t K, int64_t begin, int64_t end) {
+  ((rows == MB + 1 ? row_blocks<MB + 1>(w, xq, dx, sx, out, N, K, begin, end) : void()), ...);
+}
+}  // namespace int4
+
+// x [M, K] (any float dtype) times the packed [N, K] weight: [M, N] float32.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
+  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), G = K / int4::kGroup;
+  TORCH_CHECK(K % int4::kGroup == 0 && N % int4::kRows == 0 && packed.is_contiguous()
+              && packed.numel() == N / int4::kRows * G * int4::kBlockBytes,
+              "int4_linear: a [", N, ", ", K, "] weight does not match its packing");
+  auto out = torch::empty({M, N}, xf.options());
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * G), sx(M * G);
+  int4::quantize_activations(xf.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N / int4::kRows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += int4::kMaxRows)
+      int4::dispatch(std::make_integer_sequence<int, int4::kMaxRows>(),
+                     std::min(int4::kMaxRows, M - m0), w, xq.data() + m0 * K,
+                     dx.data() + m0 * G, sx.data() + m0 * G, o + m0 * N, N, K, begin, end);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("int4_linear", &int4_linear); }
+#endif
+"""
+
+
+def register_fakes() -> None:
+    """Shapes for tracing the operator (engine/compiled.py), once the extension is built."""
+    if hasattr(torch.ops.pagedserve_cpu, "int4_linear"):
+        torch.library.register_fake("pagedserve_cpu::int4_linear")(
+            lambda x, packed, out_features: x.new_empty(x.shape[0], out_features,
+                                                        dtype=torch.float32))
+
+
+def available() -> bool:
+    """Whether the kernel is built for this CPU (building the CPU kernels on the first call)."""
+    module = cpu_extension.module()
+    return module is not None and module.int4_linear_supported()
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The kernel's layout (module docstring) of w = scales * codes + mins: codes [N, K] uint8
+    in 0..15, scales and mins [N, K / 32]; N a multiple of 16, K of 32."""
+    n, k = codes.shape
+    blocks, groups = n // ROWS, k // GROUP
+    c = codes.to(torch.uint8).view(blocks, ROWS, groups, 4, 2, 4)  # ..., p, nibble, c
+    code_bytes = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:  # [N, G] -> [blocks, G, 16 rows as bytes]
+        return t.to(torch.float16).view(blocks, ROWS, groups).transpose(1, 2).contiguous().view(
+            torch.uint8)
+
+    return torch.cat([code_bytes.reshape(blocks, groups, 4 * 64), per_block(scales),
+                      per_block(mins)], dim=-1).contiguous()
+
+
+def unpack(packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    """pack's inverse: (codes [N, K] uint8, scales, mins [N, K / 32] float32)."""
+    blocks, groups = out_features // ROWS, packed.shape[1]
+    code_bytes = packed[..., :256].view(blocks, groups, 4, ROWS, 4).permute(0, 3, 1, 2, 4)
+    codes = torch.stack([code_bytes & 0x0F, code_bytes >> 4], dim=-2)  # ..., p, nibble, c
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view(torch.float16).float().transpose(1, 2).reshape(
+            out_features, groups)
+
+    return (codes.reshape(out_features, groups * GROUP), per_row(packed[..., 256:288]),
+            per_row(packed[..., 288:]))
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] times the packed [out_features, K] weight: [M, out_features] float32."""
+    return torch.ops.pagedserve_cpu.int4_linear(x, packed, out_features)
