@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from pagedserve.engine.model_runner import cpu_has_bf16
-from pagedserve.kernels import cpu_int4_linear
 from pagedserve.engine.models.quantized import (
     INT4_GROUP,
     PACKED_MAX_ROWS,
@@ -17,6 +16,7 @@ from pagedserve.engine.models.quantized import (
     quantize_int8,
     quantize_linear,
 )
+from pagedserve.kernels import cpu_int4_linear
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
