@@ -7,8 +7,9 @@ SingleDecode). Other steps attend eagerly, through one opaque op per layer
 from the step in progress.
 
 Graphs are specialised by row count the way the layers branch on it: one for a single row,
-one dynamic graph for 2..PACKED_MAX_ROWS rows (the packed int4/int8 kernels), one for more
-(the dense bf16 copies: prefill and big decode batches). warm_up() compiles all three at
+one dynamic graph for 2..max_packed_rows rows (the packed int4/int8 kernels: 8 rows for
+torch's, 128 for our VNNI int4 kernel), one for more (the dense bf16 copies: prefill and
+big decode batches). warm_up() compiles them all at
 start-up; inductor's cache under the user cache dir makes a restart reuse their code."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from pagedserve.engine.attention import AttentionMetadata, SingleDecode, compiled_step
 from pagedserve.engine.attention.torch_backend import single_decode, use_single_decode_kernel
 from pagedserve.engine.loader.resolve import pagedserve_cache_dir
-from pagedserve.engine.models.quantized import PACKED_MAX_ROWS
+from pagedserve.engine.models.quantized import QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,13 @@ class CompiledForward:
 
     def warm_up(self, dummy_step, max_rows: int) -> None:
         """Compile every graph a step can need before the first request: 1 row, 2 rows (the
-        dynamic graph for up to PACKED_MAX_ROWS), and more where steps get that big.
+        dynamic graph for up to the quantized layers' max_packed_rows), and one beyond each
+        row count where they branch, where steps get that big.
         dummy_step(num_tokens) gives a dummy prefill's (input_ids, positions, md) over the
         real cache; what it writes there is overwritten before any request reads it."""
-        sizes = [n for n in (1, 2, PACKED_MAX_ROWS + 1) if n <= max_rows]
+        branches = {m.max_packed_rows + 1 for m in self.model.modules()
+                    if isinstance(m, QuantizedLinear)}
+        sizes = [n for n in sorted({1, 2} | branches) if n <= max_rows]
         start = time.perf_counter()
         for i, num_tokens in enumerate(sizes):
             logger.warning("Compiling the CPU forward (%d/%d, %d rows; cached for the next "

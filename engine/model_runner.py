@@ -35,7 +35,6 @@ from pagedserve.engine.loader.weights import init_dummy_weights, iterate_safeten
 from pagedserve.engine.models import get_model_class
 from pagedserve.engine.models.llama import RotaryEmbedding
 from pagedserve.engine.models.quantized import (
-    PACKED_MAX_ROWS,
     cast_unquantized,
     packed_kernels_available,
     quantization_plan,
@@ -533,11 +532,12 @@ class ModelRunner:
 
     def _argmax_only(self, step: StepInputs, sampling: SamplingRows) -> bool:
         """Whether this step reads only each sampling row's best token, so the head may take
-        its fast argmax pass (a quantized model's RefinedHead, for up to PACKED_MAX_ROWS
+        its fast argmax pass (a quantized model's RefinedHead, for up to its argmax_max_rows
         rows). Decided from what every tensor-parallel rank holds alike (guided rows count
         as not: a mask can leave the best allowed token outside the exactly refined ones)."""
-        if (getattr(self.model, "refined_head", None) is None
-                or len(step.sample_rows) > PACKED_MAX_ROWS or not sampling.argmax_only()):
+        head = getattr(self.model, "refined_head", None)
+        if (head is None or len(step.sample_rows) > head.argmax_max_rows
+                or not sampling.argmax_only()):
             return False
         return all(self.requests[r].sampling_params.guided_decoding is None
                    for r in step.sample_request_ids)
