@@ -1,15 +1,20 @@
-"""Weight-only quantized linear layers for CPUs, on torch's packed kernels.
+"""Quantized linear layers for CPUs, on packed kernels: ours for int4 where the CPU has
+AVX512-VNNI, torch's otherwise.
 
 int4: groups of 32 input features share a scale and a zero, `w = (q - 8) * scale + zero`
-with q in 0..15 (`aten._weight_int4pack_mm_for_cpu`). GGUF's Q4_1 (`d * q + m`) is carried
-exactly as scale d, zero m + 8d; Q4_0 (`d * (q - 8)`) as scale d, zero 0.
+with q in 0..15. GGUF's Q4_1 (`d * q + m`) is carried as scale d, zero m + 8d; Q4_0
+(`d * (q - 8)`) as scale d, zero 0. Our kernel (kernels/cpu_int4_linear.py) keeps d and
+m in fp16, as GGUF does, and takes the activations rounded to int8 per group of 32, as
+llama.cpp does; torch's (`aten._weight_int4pack_mm_for_cpu`) keeps scale and zero in bf16
+and computes in bf16.
 int8: one scale per output row, `w = q * scale` with q in -127..127
-(`aten._weight_int8pack_mm`); GGUF's Q8_0 (a scale per 32) is re-scaled per row.
+(`aten._weight_int8pack_mm`, bf16); GGUF's Q8_0 (a scale per 32) is re-scaled per row.
 
-The kernels compute in bf16 (their fp32 paths are reference loops, 20x slower), and they are
-fast for few rows only: they dequantize per row, so their cost grows with the batch. Beyond
+torch's kernels (their fp32 paths are reference loops, 20x slower) are fast for few rows
+only: they dequantize per row, so their cost grows with the batch. Beyond
 `PACKED_MAX_ROWS` rows (prefill, big decode batches) a dense copy of the dequantized
-weight, when kept, is several times faster: bf16 with AVX512-BF16, fp32 without it.
+weight, when kept, is several times faster: bf16 with AVX512-BF16, fp32 without it. Ours
+stays ahead of that copy up to `VNNI_MAX_ROWS`.
 """
 
 from __future__ import annotations
@@ -200,12 +205,13 @@ class RefinedHead(nn.Module):
     pre-packed) and no refinement.
 
     A step that reads only each row's best token (`argmax_only`: greedy, no logprobs, no
-    logit edits) takes an int4 pass instead of the int8 one, 2x faster at one row (SmolLM2's
-    head: 1.0 against 2.1 ms, a tenth of a single stream's decode step). Its logits are
-    further off (up to 4.8 on SmolLM2, 0.8 for int8): over the tail's mass that would move
-    logprobs by up to 2 and skew sampling, hence argmax only. The pick stays exact: over
-    2,560 real decode rows the exact best token ranked at most 8th in the int4 pass, well
-    inside the `refine` candidates recomputed exactly."""
+    logit edits) takes an int4 pass instead of the int8 one, up to its kernel's
+    max_packed_rows (128 on our VNNI kernel, 8 on torch's): at one row 0.15 against 1.0 ms
+    on SmolLM2's head (VNNI), 1.0 against 2.1 ms (torch's). Its logits are further off (up
+    to 4.8 on SmolLM2, 0.9 for int8): over the tail's mass that would move logprobs by up
+    to 2 and skew sampling, hence argmax only. The pick stays exact: over 2,560 real decode
+    rows the exact best token ranked at most 10th in the int4 pass (benchmarks/results/
+    head_pass_cpu_epyc_vnni.md), well inside the `refine` candidates recomputed exactly."""
 
     def __init__(self, weight: torch.Tensor, dense: bool = True, refine: int = 64,
                  dense_dtype: torch.dtype = torch.bfloat16) -> None:
