@@ -24,6 +24,7 @@ from pagedserve.engine.attention import AttentionMetadata, SingleDecode, compile
 from pagedserve.engine.attention.torch_backend import single_decode, use_single_decode_kernel
 from pagedserve.engine.loader.resolve import pagedserve_cache_dir
 from pagedserve.engine.models.quantized import QuantizedLinear
+from pagedserve.kernels import cpu_extension
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,11 @@ logger = logging.getLogger(__name__)
 def use_inductor_cache_dir() -> str:
     """Inductor's on-disk cache under ours ($TORCHINDUCTOR_CACHE_DIR wins), instead of a /tmp
     folder that a reboot empties. Importing torch._dynamo (transformers does) writes
-    inductor's /tmp default into the variable: that value counts as unset."""
+    inductor's /tmp default into the variable: that value counts as unset.
+
+    One folder per version of our CPU kernels' sources: a cached graph holds what our
+    operators returned when it was compiled (an output dtype, say), which inductor's cache
+    key (the graph and the operators' schemas) does not see change."""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # an older torch: nothing writes the variable for it
@@ -39,7 +44,8 @@ def use_inductor_cache_dir() -> str:
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or (default_cache_dir is not None and os.path.abspath(current)
                            == os.path.abspath(default_cache_dir())):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = str(pagedserve_cache_dir() / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = str(
+            pagedserve_cache_dir() / "inductor" / f"kernels-{cpu_extension.source_hash()}")
     return current
 
 
@@ -115,6 +121,6 @@ class CompiledForward:
         """The one-token graph, over a dummy context of two slots (the dummy prefill's own
         and the next), its length dynamic from the start: decodes then never recompile."""
         rows, _ = single_decode(md, self.kv_caches[0].shape[1])
-        decode = SingleDecode(rows, torch.cat((md.slot_mapping, md.slot_mapping + 1)))
+        decode = SingleDecode(rows, torch.cat((md.slot_mapping, md.slot_mapping + 1)).int())
         torch._dynamo.mark_dynamic(decode.context_slots, 0)
         self._forward(input_ids, positions + 1, self.kv_caches, decode)

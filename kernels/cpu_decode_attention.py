@@ -42,8 +42,8 @@ inline float load<at::BFloat16>(const at::BFloat16* row, int64_t d) {
 // Hkv, D]; table: [S, width] int32; ctx_lens: [S] int32 (the query is the context's last
 // token); window > 0: only the window's latest keys. D is a template argument where it is
 // one of the usual sizes (the row loops then compile to straight vector code), else 0.
-template <typename T, int64_t kDim>
-static void decode_kernel(const float* q, float* out, const T* cache, const int* table,
+template <typename T, int64_t kDim, typename TQ>
+static void decode_kernel(const TQ* q, TQ* out, const T* cache, const int* table,
                           const int* ctx_lens, const int64_t* rows, int64_t num_seqs,
                           int64_t width, int64_t num_blocks, int64_t block_size,
                           int64_t num_heads, int64_t num_kv_heads, int64_t dim_arg,
@@ -59,8 +59,8 @@ static void decode_kernel(const float* q, float* out, const T* cache, const int*
       const int64_t ctx = ctx_lens[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const int64_t n = ctx - first;
-      const float* qs = q + (rows[s] * num_heads + h * group) * head_dim;
-      for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = qs[i] * scale;
+      const TQ* qs = q + (rows[s] * num_heads + h * group) * head_dim;
+      for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = static_cast<float>(qs[i]) * scale;
       scores.resize(group * n);
       float* __restrict sc = scores.data();
       const T* keys = cache + h * head_dim;
@@ -105,20 +105,20 @@ static void decode_kernel(const float* q, float* out, const T* cache, const int*
           for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * load(v, d);
         }
       }
-      float* os = out + (rows[s] * num_heads + h * group) * head_dim;
+      TQ* os = out + (rows[s] * num_heads + h * group) * head_dim;
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < head_dim; ++d)
-          os[g * head_dim + d] = acc[g * head_dim + d] / total[g];
+          os[g * head_dim + d] = static_cast<TQ>(acc[g * head_dim + d] / total[g]);
     }
   });
 }
 
 // The kernel for this head size: compiled for it where it is a usual one.
-template <typename T>
+template <typename T, typename TQ = float>
 static auto kernel_for(int64_t head_dim) {
-  return head_dim == 64    ? decode_kernel<T, 64>
-         : head_dim == 128 ? decode_kernel<T, 128>
-                           : decode_kernel<T, 0>;
+  return head_dim == 64    ? decode_kernel<T, 64, TQ>
+         : head_dim == 128 ? decode_kernel<T, 128, TQ>
+                           : decode_kernel<T, 0, TQ>;
 }
 
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
@@ -139,24 +139,33 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
   });
 }
 
-// One sequence's one-token step inside a compiled graph (engine/compiled.py): q [1, H, D] in
-// any float dtype over its context's cache slots, [ctx] int64 with its own last. The slots
-// are a one-row block table of one-slot blocks over the same memory.
+// One sequence's one-token step inside a compiled graph (engine/compiled.py): q [1, H, D] over
+// its context's cache slots, [ctx] int32 (or int64) with its own last; the output in q's
+// dtype. The slots are a one-row block table of one-slot blocks over the same memory. A
+// bf16 or fp32 q and int32 slots are read as they are: no conversions, 30-odd calls a step.
 torch::Tensor decode_single(torch::Tensor q, torch::Tensor cache, torch::Tensor slots,
                             double scale) {
   TORCH_CHECK(cache.is_contiguous() && q.size(0) == 1);
-  const auto qf = q.to(at::kFloat).contiguous();
-  auto out = torch::empty_like(qf);
-  const auto table = slots.to(at::kInt).contiguous();
+  const bool native = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat;
+  const auto qc = (native ? q : q.to(at::kFloat)).contiguous();
+  auto out = torch::empty_like(qc);
+  const auto table = (slots.scalar_type() == at::kInt ? slots : slots.to(at::kInt)).contiguous();
   const int ctx = static_cast<int>(slots.size(0));
   const int64_t row = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "single", [&] {
-    kernel_for<scalar_t>(q.size(2))(
-        qf.data_ptr<float>(), out.data_ptr<float>(), cache.data_ptr<scalar_t>(),
-        table.data_ptr<int>(), &ctx, &row, 1, ctx, cache.size(1) * cache.size(2), 1,
-        q.size(1), cache.size(3), q.size(2), (float)scale, 0);
+    auto run = [&](auto* typed_q, auto* typed_out) {
+      using TQ = std::remove_const_t<std::remove_pointer_t<decltype(typed_out)>>;
+      kernel_for<scalar_t, TQ>(q.size(2))(
+          typed_q, typed_out, cache.data_ptr<scalar_t>(), table.data_ptr<int>(), &ctx, &row, 1,
+          ctx, cache.size(1) * cache.size(2), 1, q.size(1), cache.size(3), q.size(2),
+          (float)scale, 0);
+    };
+    if (qc.scalar_type() == at::kBFloat16)
+      run(qc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+    else
+      run(qc.data_ptr<float>(), out.data_ptr<float>());
   });
-  return out.to(q.scalar_type());
+  return native ? out : out.to(q.scalar_type());
 }
 
 // An operator, so that a compiled graph calls it through the dispatcher, with no Python.

@@ -29,12 +29,21 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def _kernels() -> tuple:
+    from pagedserve.kernels import cpu_decode_attention, cpu_int4_linear
+
+    return (cpu_decode_attention, cpu_int4_linear)
+
+
+def source_hash() -> str:
+    """A short hash of the kernels' sources (what their operators do)."""
+    return hashlib.sha256("".join(k.SOURCE for k in _kernels()).encode()).hexdigest()[:10]
+
+
 @functools.cache
 def module():
     """The built extension, or None (logged once) when it cannot be built here."""
-    from pagedserve.kernels import cpu_decode_attention, cpu_int4_linear
-
-    kernels = (cpu_decode_attention, cpu_int4_linear)
+    kernels = _kernels()
     name = f"pagedserve_cpu_kernels_{_cpu_fingerprint()}"
     try:
         # (torch's build helpers: inside the try, as a torch without them cannot build)

@@ -52,34 +52,55 @@ bool int4_linear_supported() {
 namespace int4 {
 constexpr int64_t kRows = 16, kGroup = 32, kBlockBytes = 320, kMaxRows = 8;
 
-// Each row's groups of 32 to int8 codes xq (-127..127) with scales dx and scaled code sums
-// dx * sum(xq): x [M, K] float -> xq [M, K], dx [M, G], sx [M, G].
-static void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx,
-                                 float* sx) {
+// Each row's groups of 32 as 256 * xq + xr in units of dx: xq = round(x / step) with
+// step = max|x| / 127 (-127..127), xr = round(256 * (x / step - xq)) (the rounding residual,
+// -127..127 once clamped), dx = step / 256; sx = dx * sum(256 * xq + xr).
+// x [M, K] float or bf16 -> xq, xr [M, K], dx, sx [M, G].
+template <typename T>
+static void quantize_activations(const T* x, int64_t M, int64_t K, int8_t* xq, int8_t* xr,
+                                 float* dx, float* sx) {
   const int64_t G = K / kGroup;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
-      const float* xg = x + m * K + g * kGroup;
+      const int64_t at = m * K + g * kGroup;
       float amax = 0.f;
-      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      float xg[kGroup];
+      for (int64_t i = 0; i < kGroup; ++i) {
+        xg[i] = static_cast<float>(x[at + i]);
+        amax = std::max(amax, std::fabs(xg[i]));
+      }
       const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* qg = xq + m * K + g * kGroup;
       int sum = 0;
       for (int64_t i = 0; i < kGroup; ++i) {
-        const int code = static_cast<int>(std::nearbyint(xg[i] * inverse));
-        qg[i] = static_cast<int8_t>(code);
-        sum += code;
+        const float scaled = xg[i] * inverse;
+        const float coarse = std::nearbyint(scaled);
+        const float fine = std::clamp(std::nearbyint((scaled - coarse) * 256.f), -127.f, 127.f);
+        xq[at + i] = static_cast<int8_t>(coarse);
+        xr[at + i] = static_cast<int8_t>(fine);
+        sum += 256 * static_cast<int>(coarse) + static_cast<int>(fine);
       }
-      dx[m * G + g] = amax / 127.f;
-      sx[m * G + g] = amax / 127.f * sum;
+      dx[m * G + g] = amax / 127.f / 256.f;
+      sx[m * G + g] = amax / 127.f / 256.f * sum;
     }
+}
+
+static inline void store(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+static inline void store(at::BFloat16* out, __m512 v) {
+#ifdef __AVX512BF16__
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  alignas(64) float values[16];
+  _mm512_store_ps(values, v);
+  for (int i = 0; i < 16; ++i) out[i] = values[i];
+#endif
 }
 
 // out[m, 16 rb .. 16 rb + 15] for row blocks rb in [begin, end), MB activation rows at once
 // (each block's codes are unpacked once for all of them).
-template <int MB>
-static void row_blocks(const uint8_t* w, const int8_t* xq, const float* dx, const float* sx,
-                       float* out, int64_t N, int64_t K, int64_t begin, int64_t end) {
+template <int MB, typename TO>
+static void row_blocks(const uint8_t* w, const int8_t* xq, const int8_t* xr, const float* dx,
+                       const float* sx, TO* out, int64_t N, int64_t K, int64_t begin,
+                       int64_t end) {
   const int64_t G = K / kGroup;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int64_t rb = begin; rb < end; ++rb) {
@@ -97,49 +118,65 @@ static void row_blocks(const uint8_t* w, const int8_t* xq, const float* dx, cons
       const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + 288)));
       for (int m = 0; m < MB; ++m) {
         const int32_t* a = reinterpret_cast<const int32_t*>(xq + m * K + g * kGroup);
-        // Two chains of four, for the instruction's latency.
+        const int32_t* r = reinterpret_cast<const int32_t*>(xr + m * K + g * kGroup);
+        // sum(q * xq), in two chains of four for the instruction's latency; times 256, then
+        // plus sum(q * xr): at most 32 * 15 * 127 * 257, well inside int32.
         __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], _mm512_set1_epi32(a[0]));
         __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], _mm512_set1_epi32(a[1]));
         for (int j = 2; j < 8; j += 2) {
           s0 = _mm512_dpbusd_epi32(s0, q[j], _mm512_set1_epi32(a[j]));
           s1 = _mm512_dpbusd_epi32(s1, q[j + 1], _mm512_set1_epi32(a[j + 1]));
         }
+        s0 = _mm512_slli_epi32(_mm512_add_epi32(s0, s1), 8);
+        s1 = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, q[j], _mm512_set1_epi32(r[j]));
+          s1 = _mm512_dpbusd_epi32(s1, q[j + 1], _mm512_set1_epi32(r[j + 1]));
+        }
         const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
         acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx[m * G + g])), acc[m]);
         acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx[m * G + g]), acc[m]);
       }
     }
-    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * N + rb * kRows, acc[m]);
+    for (int m = 0; m < MB; ++m) store(out + m * N + rb * kRows, acc[m]);
   }
 }
 
-template <int... MB>
+template <typename TO, int... MB>
 static void dispatch(std::integer_sequence<int, MB...>, int64_t rows, const uint8_t* w,
-                     const int8_t* xq, const float* dx, const float* sx, float* out, int64_t N,
-                     int64_t K, int64_t begin, int64_t end) {
-  ((rows == MB + 1 ? row_blocks<MB + 1>(w, xq, dx, sx, out, N, K, begin, end) : void()), ...);
+                     const int8_t* xq, const int8_t* xr, const float* dx, const float* sx,
+                     TO* out, int64_t N, int64_t K, int64_t begin, int64_t end) {
+  ((rows == MB + 1 ? row_blocks<MB + 1>(w, xq, xr, dx, sx, out, N, K, begin, end) : void()),
+   ...);
 }
 }  // namespace int4
 
-// x [M, K] (any float dtype) times the packed [N, K] weight: [M, N] float32.
+// x [M, K] times the packed [N, K] weight: [M, N], bf16 for bf16 x, else float32 (x of
+// another dtype is read as float32).
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
-  const auto xf = x.to(at::kFloat).contiguous();
+  const auto xf = (x.scalar_type() == at::kBFloat16 ? x : x.to(at::kFloat)).contiguous();
   const int64_t M = xf.size(0), K = xf.size(1), G = K / int4::kGroup;
   TORCH_CHECK(K % int4::kGroup == 0 && N % int4::kRows == 0 && packed.is_contiguous()
               && packed.numel() == N / int4::kRows * G * int4::kBlockBytes,
               "int4_linear: a [", N, ", ", K, "] weight does not match its packing");
   auto out = torch::empty({M, N}, xf.options());
-  std::vector<int8_t> xq(M * K);
+  std::vector<int8_t> xq(M * K), xr(M * K);
   std::vector<float> dx(M * G), sx(M * G);
-  int4::quantize_activations(xf.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
   const uint8_t* w = packed.data_ptr<uint8_t>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N / int4::kRows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += int4::kMaxRows)
-      int4::dispatch(std::make_integer_sequence<int, int4::kMaxRows>(),
-                     std::min(int4::kMaxRows, M - m0), w, xq.data() + m0 * K,
-                     dx.data() + m0 * G, sx.data() + m0 * G, o + m0 * N, N, K, begin, end);
-  });
+  auto run = [&](const auto* xp, auto* o) {
+    int4::quantize_activations(xp, M, K, xq.data(), xr.data(), dx.data(), sx.data());
+    at::parallel_for(0, N / int4::kRows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t m0 = 0; m0 < M; m0 += int4::kMaxRows)
+        int4::dispatch(std::make_integer_sequence<int, int4::kMaxRows>(),
+                       std::min(int4::kMaxRows, M - m0), w, xq.data() + m0 * K,
+                       xr.data() + m0 * K, dx.data() + m0 * G, sx.data() + m0 * G,
+                       o + m0 * N, N, K, begin, end);
+    });
+  };
+  if (xf.scalar_type() == at::kBFloat16)
+    run(xf.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  else
+    run(xf.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 
@@ -156,7 +193,11 @@ def register_fakes() -> None:
     if hasattr(torch.ops.pagedserve_cpu, "int4_linear"):
         torch.library.register_fake("pagedserve_cpu::int4_linear")(
             lambda x, packed, out_features: x.new_empty(x.shape[0], out_features,
-                                                        dtype=torch.float32))
+                                                        dtype=_out_dtype(x)))
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
 def available() -> bool:
@@ -167,7 +208,10 @@ def available() -> bool:
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """The kernel's layout (module docstring) of w = scales * codes + mins: codes [N, K] uint8
-    in 0..15, scales and mins [N, K / 32]; N a multiple of 16, K of 32."""
+    in 0..15, scales and mins [N, K / 32]; N a multiple of 16, K of 32. Builds (or loads)
+    the kernel, which int4_linear then calls; raises where it is not available()."""
+    if not available():
+        raise RuntimeError("the VNNI int4 kernel is not built on this machine")
     n, k = codes.shape
     blocks, groups = n // ROWS, k // GROUP
     c = codes.to(torch.uint8).view(blocks, ROWS, groups, 4, 2, 4)  # ..., p, nibble, c
@@ -197,5 +241,6 @@ def unpack(packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [M, K] times the packed [out_features, K] weight: [M, out_features] float32."""
+    """x [M, K] times the packed [out_features, K] weight: [M, out_features], bf16 for bf16
+    x, else float32."""
     return torch.ops.pagedserve_cpu.int4_linear(x, packed, out_features)

@@ -34,4 +34,4 @@ class SingleDecode(NamedTuple):
     # [2] int64: the new token's rows in a cache viewed as [2 * slots, Hkv, D] (its key's
     # slot, then its value's, one cache's worth of slots further)
     write_rows: torch.Tensor
-    context_slots: torch.Tensor  # [context length] int64: its context's slots, itself last
+    context_slots: torch.Tensor  # [context length] int32: its context's slots, itself last

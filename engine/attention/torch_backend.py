@@ -280,8 +280,10 @@ def _decode_whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
 def single_decode(md: AttentionMetadata, num_cache_blocks: int) -> SingleDecode:
     """attend_single's inputs for the one-token step md, over caches of num_cache_blocks."""
     bs, ctx = md.block_size, md.seq_lens_cpu[0]
-    blocks = md.block_table[0, :-(-ctx // bs)].long()
-    context = (blocks[:, None] * bs + torch.arange(bs, device=blocks.device)).view(-1)[:ctx]
+    blocks = md.block_table[0, :-(-ctx // bs)].int()
+    # int32, as the kernel's operator reads it (no conversion in each layer).
+    context = (blocks[:, None] * bs + torch.arange(bs, dtype=torch.int32, device=blocks.device)
+               ).view(-1)[:ctx]
     slot = md.slot_mapping
     return SingleDecode(torch.cat((slot, slot + num_cache_blocks * bs)), context)
 

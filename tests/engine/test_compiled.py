@@ -77,10 +77,19 @@ def test_only_the_quantized_cpu_path_is_compiled(q4_1_gguf):
 
 def test_inductor_caches_under_the_user_cache_dir(monkeypatch, tmp_path):
     from pagedserve.engine.compiled import use_inductor_cache_dir
+    from pagedserve.kernels import cpu_extension, cpu_int4_linear
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
-    assert use_inductor_cache_dir() == str(tmp_path / "inductor")
+    ours = str(tmp_path / "inductor" / f"kernels-{cpu_extension.source_hash()}")
+    assert use_inductor_cache_dir() == ours
+    # Graphs compiled around other versions of our operators are not reused.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(cpu_int4_linear, "SOURCE", cpu_int4_linear.SOURCE + "// changed\n")
+    assert use_inductor_cache_dir() != ours
+    monkeypatch.undo()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     assert use_inductor_cache_dir() == "/elsewhere"
     # What importing torch._dynamo leaves there (inductor's /tmp default) is not a choice.
@@ -88,7 +97,7 @@ def test_inductor_caches_under_the_user_cache_dir(monkeypatch, tmp_path):
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     cache_dir()
-    assert use_inductor_cache_dir() == str(tmp_path / "inductor")
+    assert use_inductor_cache_dir() == ours
 
 
 def test_a_failed_compile_falls_back_to_eager(q4_1_gguf, monkeypatch):
