@@ -16,8 +16,9 @@ class EngineConfig:
     tokenizer: str | None = None  # defaults to the model's own tokenizer
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
     # Activations and dense weights. auto: bfloat16 on CUDA; on a CPU float32, except for a
-    # quantized model on a CPU with AVX512-BF16, where bf16 activations are the kernels'
-    # own input and its GEMMs 3x faster (see engine/model_runner.py:resolve_dtype).
+    # quantized model on a CPU with AVX512-BF16 but without our int4 kernel (AVX512-VNNI),
+    # where bf16 is torch's kernels' own input and its GEMMs 3x faster (see
+    # engine/model_runner.py:resolve_dtype).
     dtype: str = "auto"
     device: str = "auto"  # auto: cuda if available, else cpu
     load_format: str = "auto"  # dummy: random weights at the config's shapes
@@ -29,7 +30,8 @@ class EngineConfig:
     # of many rows (prefill, big decode batches), where it is several times faster than the
     # packed kernels. None: when the copy takes at most 1/8 of the machine's memory.
     quantized_dense_copy: bool | None = None
-    # The KV cache's dtype; auto: the activations' (dtype). A bf16 cache beside fp32
+    # The KV cache's dtype; auto: the activations' (dtype), but bf16 beside a quantized
+    # model's fp32 activations on a CPU with AVX512-BF16. A bf16 cache beside fp32
     # activations halves the cache's memory and the attention's reads (CPU only).
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings

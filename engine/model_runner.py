@@ -48,6 +48,7 @@ from pagedserve.engine.sampler import (
     host_to_device,
 )
 from pagedserve.engine.scheduler import SchedulerOutput
+from pagedserve.kernels import cpu_int4_linear
 from pagedserve.kernels.cpu_decode_attention import available as decode_kernel_available
 
 if TYPE_CHECKING:
@@ -128,20 +129,28 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_dtype(config: EngineConfig, device: torch.device, quantized: bool) -> torch.dtype:
-    """The activations' dtype. auto: bf16 on GPUs; on CPUs fp32 (the exact path) unless the
-    weights are quantized and the CPU computes bf16 natively: the packed kernels take bf16
-    in anyway, and the dense copies' GEMMs run 3x faster in bf16 than fp32 in it
-    (benchmarks/results/throughput_cpu_smollm2_int4.md)."""
+    """The activations' dtype. auto: bf16 on GPUs; on CPUs fp32 (the exact path), and for
+    quantized weights bf16 where the CPU computes bf16 natively and our int4 kernel is not
+    built: torch's packed kernels take bf16 in anyway, and the dense copies' GEMMs run 3x
+    faster in bf16 than fp32 (benchmarks/results/throughput_cpu_smollm2_int4.md). Ours
+    (kernels/cpu_int4_linear.py) is exact for fp32 activations: a bf16 residual stream
+    would be the quantized path's largest error beside the weights' own, and it flipped
+    SmolLM2's 0.08-nat tie on "What is the capital of France?" to "L'Etoile, ..."."""
     if config.dtype != "auto":
         return getattr(torch, config.dtype)
-    if device.type == "cuda" or (quantized and cpu_has_bf16()):
+    if device.type == "cuda" or (quantized and cpu_has_bf16()
+                                 and not cpu_int4_linear.available()):
         return torch.bfloat16
     return torch.float32
 
 
-def resolve_kv_cache_dtype(config: EngineConfig, device: torch.device,
-                           dtype: torch.dtype) -> torch.dtype:
+def resolve_kv_cache_dtype(config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                           quantized: bool = False) -> torch.dtype:
+    """auto: the activations' dtype, but bf16 beside a quantized model's fp32 activations on
+    a CPU with AVX512-BF16: half the bytes for decode attention to read."""
     if config.kv_cache_dtype == "auto":
+        if device.type == "cpu" and quantized and dtype == torch.float32 and cpu_has_bf16():
+            return torch.bfloat16
         return dtype
     kv_dtype = getattr(torch, config.kv_cache_dtype)
     if device.type != "cpu" and kv_dtype != dtype:
@@ -178,7 +187,8 @@ class ModelRunner:
         # Which layers to quantize, decided before loading: it picks the activations' dtype.
         self.quantization_plan = self._quantization_plan(model_dir)
         self.dtype = resolve_dtype(config, self.device, self.quantization_plan is not None)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(config, self.device, self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config, self.device, self.dtype,
+                                                     self.quantization_plan is not None)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.vocab_size = hf_config.vocab_size

@@ -1,17 +1,22 @@
-"""int4 weights times int8 activations on a CPU with AVX512-VNNI, in C++ built at first use.
+"""int4 weights times activations in int8 parts on a CPU with AVX512-VNNI, in C++ built at
+first use.
 
 A decode step of a quantized model reads every weight once per step, so its linear layers
 are as fast as their weight bytes stream from memory. torch's int4 kernel
 (`_weight_int4pack_mm_for_cpu`) unpacks its codes to bf16 and runs out of arithmetic at
 about a quarter of a 2-core machine's memory bandwidth; this kernel multiplies the 4-bit
-codes as bytes (`vpdpbusd`: 64 code-times-activation products an instruction) against the
-activations quantized to int8 per group of 32, as llama.cpp does for its Q4 formats:
-3.3-4.2x torch's kernel at one row on SmolLM2's shapes.
+codes as bytes (`vpdpbusd`: 64 code-times-activation products an instruction).
 
 Weights: w = d * q + m per output row and group of 32 inputs, q in 0..15, d and m in fp16
-(GGUF Q4_1's own encoding, so its d and m are kept exactly). Activations: each row's groups
-of 32 scaled to -127..127 and rounded, xq * dx; a group's product is then
-d * dx * sum(q * xq) + m * dx * sum(xq), summed in fp32.
+(GGUF Q4_1's own encoding, so its d and m are kept exactly). Activations: each row's group
+of 32 as 256 * xq + xr in units of dx, xq its int8 rounding at max|x| / 127 (what
+llama.cpp multiplies Q4 weights with) and xr the int8 rounding of what that left over, 256
+times finer. A group's product is d * dx * (256 * sum(q * xq) + sum(q * xr)) + m * sx, in
+int32 then fp32: the exact product up to fp32 summation (2e-5 relative), where xq alone
+was 6e-3 (1.6x a bf16 rounding of the activations), enough to flip a near tie: SmolLM2's
+"What is the capital of France?" went from "The capital of France is Paris." to
+"L'Etoile, ...". The residual's 8 more instructions a group cost little at one row, whose
+time is the weights' bytes (benchmarks/results/quantized_linear_*.md).
 
 Layout (`pack`): blocks of 16 output rows by one group, 320 bytes each, in row-block then
 group order, so each thread streams its row blocks front to back. In a block, 4 vectors of

@@ -4,9 +4,9 @@ AVX512-VNNI, torch's otherwise.
 int4: groups of 32 input features share a scale and a zero, `w = (q - 8) * scale + zero`
 with q in 0..15. GGUF's Q4_1 (`d * q + m`) is carried as scale d, zero m + 8d; Q4_0
 (`d * (q - 8)`) as scale d, zero 0. Our kernel (kernels/cpu_int4_linear.py) keeps d and
-m in fp16, as GGUF does, and takes the activations rounded to int8 per group of 32, as
-llama.cpp does; torch's (`aten._weight_int4pack_mm_for_cpu`) keeps scale and zero in bf16
-and computes in bf16.
+m in fp16, as GGUF does, and takes the activations as two int8 parts (exact up to fp32
+summation); torch's (`aten._weight_int4pack_mm_for_cpu`) keeps scale and zero in bf16 and
+computes in bf16.
 int8: one scale per output row, `w = q * scale` with q in -127..127
 (`aten._weight_int8pack_mm`, bf16); GGUF's Q8_0 (a scale per 32) is re-scaled per row.
 

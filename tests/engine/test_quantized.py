@@ -232,8 +232,9 @@ def test_a_quantized_gguf_is_served_in_its_own_scheme(tmp_path):
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
     runs = {}
     # The exact path, the file's own quantization (bf16 activations where the CPU has
-    # AVX512-BF16), and the exact path's fp32 activations over a bf16 KV cache. Prefill in
-    # chunks of 4, so that later chunks attend through the cache.
+    # AVX512-BF16 but not our int4 kernel; with it fp32, over a bf16 cache), and the exact
+    # path's fp32 activations over a bf16 KV cache. Prefill in chunks of 4, so that later
+    # chunks attend through the cache.
     for quantization, kv_cache_dtype in (("none", "auto"), ("auto", "auto"),
                                          ("none", "bfloat16")):
         llm = LLM(model=str(path), quantization=quantization, kv_cache_dtype=kv_cache_dtype,
@@ -245,28 +246,38 @@ def test_a_quantized_gguf_is_served_in_its_own_scheme(tmp_path):
                                else 0)
         assert all(layer.scheme == "int4" for layer in layers)
         assert (ours.refined_head is not None) == (quantization == "auto")
-        bf16 = quantization == "auto" and cpu_has_bf16()
-        assert runner.dtype == (torch.bfloat16 if bf16 else torch.float32)
-        assert runner.kv_caches[0].dtype == (torch.float32 if runner.dtype == torch.float32
-                                             and kv_cache_dtype == "auto" else torch.bfloat16)
+        quantized_bf16 = quantization == "auto" and cpu_has_bf16()
+        vnni = quantized_bf16 and cpu_int4_linear.available()
+        assert all(layer.vnni == vnni for layer in layers)
+        assert runner.dtype == (torch.bfloat16 if quantized_bf16 and not vnni
+                                else torch.float32)
+        assert runner.kv_caches[0].dtype == (torch.bfloat16 if quantized_bf16
+                                             or kv_cache_dtype == "bfloat16"
+                                             else torch.float32)
         out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
         runs[quantization, kv_cache_dtype] = [next(iter(e.values())).logprob
                                               for e in out.prompt_logprobs[1:]]
     exact = runs["none", "auto"]
-    assert runs["auto", "auto"] == pytest.approx(exact, abs=0.05)
+    # The file's values exactly, fp32 activations: only the bf16 cache's rounding is left.
+    assert runs["auto", "auto"] == pytest.approx(exact, abs=0.02 if vnni else 0.05)
     assert runs["none", "bfloat16"] == pytest.approx(exact, abs=0.02)
     assert runs["none", "bfloat16"] != exact  # the cache did round
 
 
 def test_dtypes_follow_quantization_and_the_cpu(monkeypatch):
-    """auto: bf16 activations for quantized weights where the CPU computes bf16 natively,
-    else the exact path's fp32; a KV cache of another dtype than the activations is a CPU
-    feature."""
+    """auto: bf16 activations for quantized weights where the CPU computes bf16 natively
+    and our int4 kernel is not built, else the exact path's fp32 (beside a bf16 cache for a
+    quantized model where the CPU has bf16); a KV cache of another dtype than the
+    activations is a CPU feature."""
     from pagedserve.engine import model_runner
     from pagedserve.engine.config import EngineConfig
 
     cpu, cuda, auto = torch.device("cpu"), torch.device("cuda"), EngineConfig()
     monkeypatch.setattr(model_runner, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu_int4_linear, "available", lambda: True)
+    assert model_runner.resolve_dtype(auto, cpu, quantized=True) == torch.float32
+    assert model_runner.resolve_kv_cache_dtype(auto, cpu, torch.float32, True) == torch.bfloat16
+    monkeypatch.setattr(cpu_int4_linear, "available", lambda: False)
     assert model_runner.resolve_dtype(auto, cpu, quantized=True) == torch.bfloat16
     assert model_runner.resolve_dtype(auto, cpu, quantized=False) == torch.float32
     assert model_runner.resolve_dtype(EngineConfig(dtype="float32"), cpu, True) == torch.float32
