@@ -36,9 +36,11 @@ INT4_GROUP = 32
 # at 8 rows they are even, at 16 the dense GEMM is 2x faster: benchmarks/results/
 # quantized_linear_cpu.md).
 PACKED_MAX_ROWS = 8
-# The same for our int4 kernel (kernels/cpu_int4_linear.py), 1.4-3.5x faster than the dense
-# bf16 GEMM up to 32 rows and still ahead or even at 128 (same file).
-VNNI_MAX_ROWS = 128
+# The same for our int4 kernel (kernels/cpu_int4_linear.py): 2-5x faster than the dense bf16
+# GEMM at 1-8 rows, 1.2x at 16, even at 32 (summed over a layer's products) and exact
+# where the copy rounds the activations to bf16; behind from 128 (benchmarks/results/
+# quantized_linear_cpu_epyc_vnni.md).
+VNNI_MAX_ROWS = 32
 SCHEMES = ("int4", "int8")
 
 # GGUF tensor type -> the scheme that carries it, and how its 4-bit codes are recovered
@@ -206,7 +208,7 @@ class RefinedHead(nn.Module):
 
     A step that reads only each row's best token (`argmax_only`: greedy, no logprobs, no
     logit edits) takes an int4 pass instead of the int8 one, up to its kernel's
-    max_packed_rows (128 on our VNNI kernel, 8 on torch's): at one row 0.15 against 1.0 ms
+    max_packed_rows (32 on our VNNI kernel, 8 on torch's): at one row 0.2 against 0.9 ms
     on SmolLM2's head (VNNI), 1.0 against 2.1 ms (torch's). Its logits are further off (up
     to 4.8 on SmolLM2, 0.9 for int8): over the tail's mass that would move logprobs by up
     to 2 and skew sampling, hence argmax only. The pick stays exact: over 2,560 real decode

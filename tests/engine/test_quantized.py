@@ -316,7 +316,7 @@ def test_the_refined_head_gives_exact_top_logits(rows, dense):
     assert (logits - exact).abs().max() < 0.05 * exact.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, 40])
+@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, 24])
 def test_an_argmax_only_head_takes_the_int4_pass_and_keeps_the_exact_pick(rows):
     """Where only the best token is read, the head's fast pass is int4 (half the int8 pass's
     bytes): the pick and the refined candidates are still the fp32 product's, the rest are
@@ -327,7 +327,7 @@ def test_an_argmax_only_head_takes_the_int4_pass_and_keeps_the_exact_pick(rows):
     exact = hidden @ weight.t()
     head = RefinedHead(weight, dense=True, refine=32)
     if rows > head.argmax_max_rows:
-        pytest.skip("torch's int4 kernel takes up to PACKED_MAX_ROWS rows")
+        pytest.skip("torch's int4 kernel takes up to PACKED_MAX_ROWS rows")  # ours: 32
     logits = head(hidden, argmax_only=True)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     refined = exact.topk(5, dim=-1)
