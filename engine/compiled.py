@@ -103,7 +103,8 @@ class CompiledForward:
         row count where they branch, where steps get that big.
         dummy_step(num_tokens) gives a dummy prefill's (input_ids, positions, md) over the
         real cache; what it writes there is overwritten before any request reads it."""
-        branches = {m.max_packed_rows + 1 for m in self.model.modules()
+        # (The head's layers run outside the graph, in compute_logits.)
+        branches = {m.max_packed_rows + 1 for m in self.model.layers.modules()
                     if isinstance(m, QuantizedLinear)}
         sizes = [n for n in sorted({1, 2} | branches) if n <= max_rows]
         start = time.perf_counter()
