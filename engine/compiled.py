@@ -8,7 +8,7 @@ from the step in progress.
 
 Graphs are specialised by row count the way the layers branch on it: one for a single row,
 one dynamic graph for 2..max_packed_rows rows (the packed int4/int8 kernels: 8 rows for
-torch's, 32 for our VNNI int4 kernel), one for more (the dense bf16 copies: prefill and
+torch's, 128 for our VNNI int4 kernel), one for more (the dense bf16 copies: prefill and
 big decode batches). warm_up() compiles them all at
 start-up; inductor's cache under the user cache dir makes a restart reuse their code."""
 

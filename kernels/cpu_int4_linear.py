@@ -13,10 +13,12 @@ of 32 as 256 * xq + xr in units of dx, xq its int8 rounding at max|x| / 127 (wha
 llama.cpp multiplies Q4 weights with) and xr the int8 rounding of what that left over, 256
 times finer. A group's product is d * dx * (256 * sum(q * xq) + sum(q * xr)) + m * sx, in
 int32 then fp32: the exact product up to fp32 summation (2e-5 relative), where xq alone
-was 6e-3 (1.6x a bf16 rounding of the activations), enough to flip a near tie: SmolLM2's
+is 6e-3 (1.6x a bf16 rounding of the activations), enough to flip a near tie: SmolLM2's
 "What is the capital of France?" went from "The capital of France is Paris." to
-"L'Etoile, ...". The residual's 8 more instructions a group cost little at one row, whose
-time is the weights' bytes (benchmarks/results/quantized_linear_*.md).
+"L'Etoile, ...". The residual's 8 more instructions a group cost little up to 8 rows,
+whose time is the weights' bytes; beyond (batches, short prefills) the kernel is
+compute-bound and takes xq alone, twice as fast, with about the error of the bf16 GEMM it
+stands in for there (benchmarks/results/quantized_linear_*.md).
 
 Layout (`pack`): blocks of 16 output rows by one group, 320 bytes each, in row-block then
 group order, so each thread streams its row blocks front to back. In a block, 4 vectors of
@@ -55,15 +57,15 @@ bool int4_linear_supported() {
 
 #ifdef PAGEDSERVE_INT4_VNNI
 namespace int4 {
-constexpr int64_t kRows = 16, kGroup = 32, kBlockBytes = 320, kMaxRows = 8;
+constexpr int64_t kRows = 16, kGroup = 32, kBlockBytes = 320, kMaxRows = 8, kExactRows = 8;
 
 // Each row's groups of 32 as 256 * xq + xr in units of dx: xq = round(x / step) with
 // step = max|x| / 127 (-127..127), xr = round(256 * (x / step - xq)) (the rounding residual,
 // -127..127 once clamped), dx = step / 256; sx = dx * sum(256 * xq + xr).
-// x [M, K] float or bf16 -> xq, xr [M, K], dx, sx [M, G].
+// x [M, K] float or bf16 -> xq, xr [M, K], dx, sx [M, G]. Without `residual`, xr is 0.
 template <typename T>
-static void quantize_activations(const T* x, int64_t M, int64_t K, int8_t* xq, int8_t* xr,
-                                 float* dx, float* sx) {
+static void quantize_activations(const T* x, int64_t M, int64_t K, bool residual, int8_t* xq,
+                                 int8_t* xr, float* dx, float* sx) {
   const int64_t G = K / kGroup;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
@@ -79,7 +81,8 @@ static void quantize_activations(const T* x, int64_t M, int64_t K, int8_t* xq, i
       for (int64_t i = 0; i < kGroup; ++i) {
         const float scaled = xg[i] * inverse;
         const float coarse = std::nearbyint(scaled);
-        const float fine = std::clamp(std::nearbyint((scaled - coarse) * 256.f), -127.f, 127.f);
+        const float fine =
+            residual ? std::clamp(std::nearbyint((scaled - coarse) * 256.f), -127.f, 127.f) : 0.f;
         xq[at + i] = static_cast<int8_t>(coarse);
         xr[at + i] = static_cast<int8_t>(fine);
         sum += 256 * static_cast<int>(coarse) + static_cast<int>(fine);
@@ -102,7 +105,7 @@ static inline void store(at::BFloat16* out, __m512 v) {
 
 // out[m, 16 rb .. 16 rb + 15] for row blocks rb in [begin, end), MB activation rows at once
 // (each block's codes are unpacked once for all of them).
-template <int MB, typename TO>
+template <int MB, bool kResidual, typename TO>
 static void row_blocks(const uint8_t* w, const int8_t* xq, const int8_t* xr, const float* dx,
                        const float* sx, TO* out, int64_t N, int64_t K, int64_t begin,
                        int64_t end) {
@@ -134,9 +137,11 @@ static void row_blocks(const uint8_t* w, const int8_t* xq, const int8_t* xr, con
         }
         s0 = _mm512_slli_epi32(_mm512_add_epi32(s0, s1), 8);
         s1 = _mm512_setzero_si512();
-        for (int j = 0; j < 8; j += 2) {
-          s0 = _mm512_dpbusd_epi32(s0, q[j], _mm512_set1_epi32(r[j]));
-          s1 = _mm512_dpbusd_epi32(s1, q[j + 1], _mm512_set1_epi32(r[j + 1]));
+        if constexpr (kResidual) {
+          for (int j = 0; j < 8; j += 2) {
+            s0 = _mm512_dpbusd_epi32(s0, q[j], _mm512_set1_epi32(r[j]));
+            s1 = _mm512_dpbusd_epi32(s1, q[j + 1], _mm512_set1_epi32(r[j + 1]));
+          }
         }
         const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
         acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx[m * G + g])), acc[m]);
@@ -147,17 +152,20 @@ static void row_blocks(const uint8_t* w, const int8_t* xq, const int8_t* xr, con
   }
 }
 
-template <typename TO, int... MB>
+template <bool kResidual, typename TO, int... MB>
 static void dispatch(std::integer_sequence<int, MB...>, int64_t rows, const uint8_t* w,
                      const int8_t* xq, const int8_t* xr, const float* dx, const float* sx,
                      TO* out, int64_t N, int64_t K, int64_t begin, int64_t end) {
-  ((rows == MB + 1 ? row_blocks<MB + 1>(w, xq, xr, dx, sx, out, N, K, begin, end) : void()),
+  ((rows == MB + 1
+        ? row_blocks<MB + 1, kResidual>(w, xq, xr, dx, sx, out, N, K, begin, end)
+        : void()),
    ...);
 }
 }  // namespace int4
 
 // x [M, K] times the packed [N, K] weight: [M, N], bf16 for bf16 x, else float32 (x of
-// another dtype is read as float32).
+// another dtype is read as float32). Up to kExactRows rows the activations go in with their
+// residuals; beyond, where the kernel is compute-bound, without (twice the speed).
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
   const auto xf = (x.scalar_type() == at::kBFloat16 ? x : x.to(at::kFloat)).contiguous();
   const int64_t M = xf.size(0), K = xf.size(1), G = K / int4::kGroup;
@@ -168,14 +176,21 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
   std::vector<int8_t> xq(M * K), xr(M * K);
   std::vector<float> dx(M * G), sx(M * G);
   const uint8_t* w = packed.data_ptr<uint8_t>();
+  const bool residual = M <= int4::kExactRows;
   auto run = [&](const auto* xp, auto* o) {
-    int4::quantize_activations(xp, M, K, xq.data(), xr.data(), dx.data(), sx.data());
+    int4::quantize_activations(xp, M, K, residual, xq.data(), xr.data(), dx.data(), sx.data());
     at::parallel_for(0, N / int4::kRows, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t m0 = 0; m0 < M; m0 += int4::kMaxRows)
-        int4::dispatch(std::make_integer_sequence<int, int4::kMaxRows>(),
-                       std::min(int4::kMaxRows, M - m0), w, xq.data() + m0 * K,
-                       xr.data() + m0 * K, dx.data() + m0 * G, sx.data() + m0 * G,
-                       o + m0 * N, N, K, begin, end);
+      for (int64_t m0 = 0; m0 < M; m0 += int4::kMaxRows) {
+        const auto rows = std::min(int4::kMaxRows, M - m0);
+        const auto args = std::make_tuple(w, xq.data() + m0 * K, xr.data() + m0 * K,
+                                          dx.data() + m0 * G, sx.data() + m0 * G, o + m0 * N,
+                                          N, K, begin, end);
+        const auto sizes = std::make_integer_sequence<int, int4::kMaxRows>();
+        std::apply([&](auto... a) {
+          residual ? int4::dispatch<true>(sizes, rows, a...)
+                   : int4::dispatch<false>(sizes, rows, a...);
+        }, args);
+      }
     });
   };
   if (xf.scalar_type() == at::kBFloat16)

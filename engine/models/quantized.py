@@ -4,9 +4,9 @@ AVX512-VNNI, torch's otherwise.
 int4: groups of 32 input features share a scale and a zero, `w = (q - 8) * scale + zero`
 with q in 0..15. GGUF's Q4_1 (`d * q + m`) is carried as scale d, zero m + 8d; Q4_0
 (`d * (q - 8)`) as scale d, zero 0. Our kernel (kernels/cpu_int4_linear.py) keeps d and
-m in fp16, as GGUF does, and takes the activations as two int8 parts (exact up to fp32
-summation); torch's (`aten._weight_int4pack_mm_for_cpu`) keeps scale and zero in bf16 and
-computes in bf16.
+m in fp16, as GGUF does, and takes the activations as two int8 parts up to 8 rows (exact
+up to fp32 summation), as one beyond (llama.cpp's rounding, about a bf16 one); torch's
+(`aten._weight_int4pack_mm_for_cpu`) keeps scale and zero in bf16 and computes in bf16.
 int8: one scale per output row, `w = q * scale` with q in -127..127
 (`aten._weight_int8pack_mm`, bf16); GGUF's Q8_0 (a scale per 32) is re-scaled per row.
 
@@ -37,10 +37,10 @@ INT4_GROUP = 32
 # quantized_linear_cpu.md).
 PACKED_MAX_ROWS = 8
 # The same for our int4 kernel (kernels/cpu_int4_linear.py): 2-5x faster than the dense bf16
-# GEMM at 1-8 rows, 1.2x at 16, even at 32 (summed over a layer's products) and exact
-# where the copy rounds the activations to bf16; behind from 128 (benchmarks/results/
-# quantized_linear_cpu_epyc_vnni.md).
-VNNI_MAX_ROWS = 32
+# GEMM at 1-8 rows (exact), and beyond 8 rows, where it rounds the activations to int8
+# alone (about a bf16 rounding's error, as the copy has), 2x at 32 and ahead at 128
+# (benchmarks/results/quantized_linear_cpu_epyc_vnni.md).
+VNNI_MAX_ROWS = 128
 SCHEMES = ("int4", "int8")
 
 # GGUF tensor type -> the scheme that carries it, and how its 4-bit codes are recovered
@@ -208,7 +208,7 @@ class RefinedHead(nn.Module):
 
     A step that reads only each row's best token (`argmax_only`: greedy, no logprobs, no
     logit edits) takes an int4 pass instead of the int8 one, up to its kernel's
-    max_packed_rows (32 on our VNNI kernel, 8 on torch's): at one row 0.2 against 0.9 ms
+    max_packed_rows (128 on our VNNI kernel, 8 on torch's): at one row 0.2 against 0.9 ms
     on SmolLM2's head (VNNI), 1.0 against 2.1 ms (torch's). Its logits are further off (up
     to 4.8 on SmolLM2, 0.9 for int8): over the tail's mass that would move logprobs by up
     to 2 and skew sampling, hence argmax only. The pick stays exact: over 2,560 real decode
