@@ -15,10 +15,11 @@ times finer. A group's product is d * dx * (256 * sum(q * xq) + sum(q * xr)) + m
 int32 then fp32: the exact product up to fp32 summation (2e-5 relative), where xq alone
 is 6e-3 (1.6x a bf16 rounding of the activations), enough to flip a near tie: SmolLM2's
 "What is the capital of France?" went from "The capital of France is Paris." to
-"L'Etoile, ...". The residual's 8 more instructions a group cost little up to 8 rows,
-whose time is the weights' bytes; beyond (batches, short prefills) the kernel is
-compute-bound and takes xq alone, twice as fast, with about the error of the bf16 GEMM it
-stands in for there (benchmarks/results/quantized_linear_*.md).
+"L'Etoile, ...". The residual's 8 more instructions a group cost little at a few rows,
+whose time is the weights' bytes. Beyond 32 rows (big batches, short prefills), where the
+kernel is compute-bound, it takes xq alone, twice as fast: llama.cpp's rounding, which
+follows the exact path less closely than a bf16 GEMM (benchmarks/results/
+quantized_quality_*.md).
 
 Layout (`pack`): blocks of 16 output rows by one group, 320 bytes each, in row-block then
 group order, so each thread streams its row blocks front to back. In a block, 4 vectors of
@@ -57,7 +58,7 @@ bool int4_linear_supported() {
 
 #ifdef PAGEDSERVE_INT4_VNNI
 namespace int4 {
-constexpr int64_t kRows = 16, kGroup = 32, kBlockBytes = 320, kMaxRows = 8, kExactRows = 8;
+constexpr int64_t kRows = 16, kGroup = 32, kBlockBytes = 320, kMaxRows = 8, kExactRows = 32;
 
 // Each row's groups of 32 as 256 * xq + xr in units of dx: xq = round(x / step) with
 // step = max|x| / 127 (-127..127), xr = round(256 * (x / step - xq)) (the rounding residual,
@@ -152,12 +153,15 @@ static void row_blocks(const uint8_t* w, const int8_t* xq, const int8_t* xr, con
   }
 }
 
-template <bool kResidual, typename TO, int... MB>
-static void dispatch(std::integer_sequence<int, MB...>, int64_t rows, const uint8_t* w,
-                     const int8_t* xq, const int8_t* xr, const float* dx, const float* sx,
-                     TO* out, int64_t N, int64_t K, int64_t begin, int64_t end) {
+// row_blocks for `rows` (1..kMaxRows) activation rows, with or without the residuals.
+template <typename TO, int... MB>
+static void dispatch(std::integer_sequence<int, MB...>, int64_t rows, bool residual,
+                     const uint8_t* w, const int8_t* xq, const int8_t* xr, const float* dx,
+                     const float* sx, TO* out, int64_t N, int64_t K, int64_t begin,
+                     int64_t end) {
   ((rows == MB + 1
-        ? row_blocks<MB + 1, kResidual>(w, xq, xr, dx, sx, out, N, K, begin, end)
+        ? (residual ? row_blocks<MB + 1, true>(w, xq, xr, dx, sx, out, N, K, begin, end)
+                    : row_blocks<MB + 1, false>(w, xq, xr, dx, sx, out, N, K, begin, end))
         : void()),
    ...);
 }
@@ -180,17 +184,11 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
   auto run = [&](const auto* xp, auto* o) {
     int4::quantize_activations(xp, M, K, residual, xq.data(), xr.data(), dx.data(), sx.data());
     at::parallel_for(0, N / int4::kRows, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t m0 = 0; m0 < M; m0 += int4::kMaxRows) {
-        const auto rows = std::min(int4::kMaxRows, M - m0);
-        const auto args = std::make_tuple(w, xq.data() + m0 * K, xr.data() + m0 * K,
-                                          dx.data() + m0 * G, sx.data() + m0 * G, o + m0 * N,
-                                          N, K, begin, end);
-        const auto sizes = std::make_integer_sequence<int, int4::kMaxRows>();
-        std::apply([&](auto... a) {
-          residual ? int4::dispatch<true>(sizes, rows, a...)
-                   : int4::dispatch<false>(sizes, rows, a...);
-        }, args);
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += int4::kMaxRows)
+        int4::dispatch(std::make_integer_sequence<int, int4::kMaxRows>(),
+                       std::min(int4::kMaxRows, M - m0), residual, w, xq.data() + m0 * K,
+                       xr.data() + m0 * K, dx.data() + m0 * G, sx.data() + m0 * G,
+                       o + m0 * N, N, K, begin, end);
     });
   };
   if (xf.scalar_type() == at::kBFloat16)

@@ -4,8 +4,8 @@ AVX512-VNNI, torch's otherwise.
 int4: groups of 32 input features share a scale and a zero, `w = (q - 8) * scale + zero`
 with q in 0..15. GGUF's Q4_1 (`d * q + m`) is carried as scale d, zero m + 8d; Q4_0
 (`d * (q - 8)`) as scale d, zero 0. Our kernel (kernels/cpu_int4_linear.py) keeps d and
-m in fp16, as GGUF does, and takes the activations as two int8 parts up to 8 rows (exact
-up to fp32 summation), as one beyond (llama.cpp's rounding, about a bf16 one); torch's
+m in fp16, as GGUF does, and takes the activations as two int8 parts up to 32 rows (exact
+up to fp32 summation), as one beyond (llama.cpp's rounding); torch's
 (`aten._weight_int4pack_mm_for_cpu`) keeps scale and zero in bf16 and computes in bf16.
 int8: one scale per output row, `w = q * scale` with q in -127..127
 (`aten._weight_int8pack_mm`, bf16); GGUF's Q8_0 (a scale per 32) is re-scaled per row.
@@ -37,9 +37,9 @@ INT4_GROUP = 32
 # quantized_linear_cpu.md).
 PACKED_MAX_ROWS = 8
 # The same for our int4 kernel (kernels/cpu_int4_linear.py): 2-5x faster than the dense bf16
-# GEMM at 1-8 rows (exact), and beyond 8 rows, where it rounds the activations to int8
-# alone (about a bf16 rounding's error, as the copy has), 2x at 32 and ahead at 128
-# (benchmarks/results/quantized_linear_cpu_epyc_vnni.md).
+# GEMM at 1-8 rows and about even at 32, exact; beyond 32 rows, where it rounds the
+# activations to int8 alone (llama.cpp's rounding), 1.3x at 128 (benchmarks/results/
+# quantized_linear_cpu_epyc_vnni.md).
 VNNI_MAX_ROWS = 128
 SCHEMES = ("int4", "int8")
 
