@@ -96,12 +96,19 @@ def kernel_view(weight: torch.Tensor, vnni: bool) -> Int4Weight:
     return Int4Weight(w.codes, scales, mins + 8 * scales)
 
 
+def skip_without_vnni() -> None:
+    """Inside a test, not a skipif mark: asking builds the CPU kernels (~30 s), which
+    collection must not wait for."""
+    if not cpu_int4_linear.available():
+        pytest.skip("the VNNI int4 kernel is not built on this CPU")
+
+
 @pytest.fixture(params=[True, False], ids=["vnni", "torch-int4"])
 def vnni(request, monkeypatch):
     """Both int4 kernels: ours where it is built (else skipped), then torch's."""
-    if request.param and not cpu_int4_linear.available():
-        pytest.skip("the VNNI int4 kernel is not built on this CPU")
-    if not request.param:
+    if request.param:
+        skip_without_vnni()
+    else:
         monkeypatch.setattr(cpu_int4_linear, "available", lambda: False)
     return request.param
 
@@ -115,8 +122,7 @@ def test_the_dense_copy_carries_the_kernels_weight(vnni):
 
 def test_vnni_packing_keeps_q4_1_exactly():
     """GGUF Q4_1's codes, d and m come back from the packed layout as they were stored."""
-    if not cpu_int4_linear.available():
-        pytest.skip("the VNNI int4 kernel is not built on this CPU")
+    skip_without_vnni()
     values, codes, d, m = q4_1_values(48, 96)
     layer = quantize_linear(values, None, "int4", dense=False)
     assert layer.vnni and layer.scales_zeros is None
@@ -132,8 +138,7 @@ def test_vnni_int4_kernel_matches_the_dequantized_weight(rows):
     Beyond, where the kernel is compute-bound, as the int8 codes alone (llama.cpp's
     rounding): exactly those codes times the weight. bf16 in, bf16 out. 11, 32 and 37 rows:
     passes of 8 rows and the rest."""
-    if not cpu_int4_linear.available():
-        pytest.skip("the VNNI int4 kernel is not built on this CPU")
+    skip_without_vnni()
     gen = torch.Generator().manual_seed(rows)
     codes = torch.randint(0, 16, (48, 160), generator=gen, dtype=torch.uint8)
     scales, mins = torch.rand(48, 5, generator=gen) * 0.01, torch.randn(48, 5, generator=gen)
