@@ -30,7 +30,7 @@ from pagedserve.engine.input_batch import (
     Reservation,
     StepInputs,
 )
-from pagedserve.engine.loader.gguf import TENSOR_TYPES_FILE
+from pagedserve.engine.loader import TENSOR_TYPES_FILE
 from pagedserve.engine.loader.weights import init_dummy_weights, iterate_safetensors
 from pagedserve.engine.models import get_model_class
 from pagedserve.engine.models.llama import RotaryEmbedding

@@ -21,13 +21,12 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
+from pagedserve.engine.loader import TENSOR_TYPES_FILE
+
 logger = logging.getLogger(__name__)
 
 # Bump when the output of the conversion changes, so caches keyed on it are rebuilt.
 CONVERTER_VERSION = 2
-# {HF tensor name: GGUF type name} of the source file, beside the weights: the engine serves
-# quantized tensors in the scheme that carries the file's own quantization.
-TENSOR_TYPES_FILE = "gguf_tensor_types.json"
 
 
 @dataclass(frozen=True, slots=True)
