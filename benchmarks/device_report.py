@@ -28,7 +28,7 @@ def main() -> None:
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else src
     parts = {name: load(src, name) for name in
              ("env", "kernels", "parity", "attention", "fused", "e2e_qwen3", "e2e_llama",
-              "e2e_qwen3_sync")}
+              "e2e_qwen3_sync", "tp")}
     lines = ["# GPU device check", "", "Command: `bash benchmarks/device_check.sh`", ""]
     status = (src / "status.txt").read_text() if (src / "status.txt").exists() else ""
     lines += ["Part status (rc 0 = passed; 124 = timed out):", "", "```", status.strip(), "```", ""]
@@ -46,17 +46,28 @@ def main() -> None:
                         for name, r in k["kernels"].items()])
     if parts["parity"]:
         p = parts["parity"]
-        lines += [f"## Engine parity with HF transformers on CUDA: all ok = {p['all_ok']}", ""]
+        lines += [f"## Engine parity with HF transformers on {p.get('device', 'CUDA')}: "
+                  f"all ok = {p['all_ok']}", ""]
         lines += ["Reference: HF fp32 on CPU; bf16 rows also against HF bf16 on the GPU, with "
                   "HF's own bf16-vs-fp32 agreement as the noise level.", ""]
         lines += table(["model / mode", "exact greedy", "agreement with HF fp32",
                         "max logprob err", "agreement with HF bf16", "HF bf16 vs HF fp32",
-                        "CUDA graphs", "blocks leaked", "ok"],
+                        "first tokens = HF bf16", "CUDA graphs", "blocks leaked", "ok"],
                        [[name, r["exact_greedy"], r["token_agreement"],
                          r["max_logprob_err_on_agreeing_prefix"],
                          r.get("agreement_with_hf_bf16", "-"),
-                         r.get("hf_bf16_vs_hf_fp32_agreement", "-"), r["cuda_graphs"],
+                         r.get("hf_bf16_vs_hf_fp32_agreement", "-"),
+                         r.get("first_token_agreement_with_hf_bf16", "-"), r["cuda_graphs"],
                          r["blocks_leaked"], r["ok"]] for name, r in p["parity"].items()])
+    if parts["tp"]:
+        t = parts["tp"]
+        lines += [f"## Tensor parallel size 2 against 1 (NCCL): all ok = {t['all_ok']}", ""]
+        if "skipped" in t:
+            lines += [f"Skipped: {t['skipped']}", ""]
+        else:
+            lines += table(["model / dtype", "token agreement", "max logprob err", "ok"],
+                           [[name, r["token_agreement"], r["max_logprob_err"], r["ok"]]
+                            for name, r in t["tensor_parallel"].items()])
     if parts["attention"]:
         a = parts["attention"]
         lines += [f"## Decode attention bandwidth ({a['shape']}); measured copy bandwidth "

@@ -5,7 +5,10 @@ microbenchmark. Run by benchmarks/device_check.sh; each part prints one JSON lin
     python benchmarks/gpu_checks.py kernels     # long-context kernel checks, fp16 + bf16
     python benchmarks/gpu_checks.py parity      # tiny random models: greedy = HF on CUDA
     python benchmarks/gpu_checks.py attention   # decode attention GB/s vs copy bandwidth
-    python benchmarks/gpu_checks.py fused       # fused RMSNorm / rotary vs PyTorch ops"""
+    python benchmarks/gpu_checks.py fused       # fused RMSNorm / rotary vs PyTorch ops
+    python benchmarks/gpu_checks.py tp          # tensor parallel 2 against 1 (2 GPUs)
+
+Without a GPU, `parity` runs on the CPU: a dry run of the script, not a check of the GPU path."""
 
 from __future__ import annotations
 
@@ -138,15 +141,16 @@ def check_kernels() -> dict:
 
 
 # ---- parity ---------------------------------------------------------------------------
-def hf_greedy_cuda(model_dir: Path, prompts, max_new_tokens: int, dtype) -> list[list[int]]:
-    """HF transformers' greedy tokens on the GPU, one prompt at a time."""
+def hf_greedy_on_device(model_dir: Path, prompts, max_new_tokens: int, dtype) -> list[list[int]]:
+    """HF transformers' greedy tokens on the GPU (the CPU without one), one prompt at a time."""
     import transformers
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, torch_dtype=dtype).cuda().eval()
+        model_dir, torch_dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None
     with torch.inference_mode():
-        return [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=max_new_tokens,
+        return [model.generate(torch.tensor([p], device=device), max_new_tokens=max_new_tokens,
                                do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                 for p in prompts]
 
@@ -172,7 +176,7 @@ def check_parity() -> dict:
             expected = hf_greedy(path, prompts, max_tokens)  # HF fp32 on CPU
             # bf16 runs are compared with HF in bf16 on the GPU; how far HF's own bf16 run
             # strays from its fp32 one is the noise they are judged against.
-            hf_bf16 = hf_greedy_cuda(path, prompts, max_tokens, torch.bfloat16)
+            hf_bf16 = hf_greedy_on_device(path, prompts, max_tokens, torch.bfloat16)
             bf16_noise = agreement(hf_bf16, [t for t, _ in expected])
             for label, engine_kw in (
                 ("fp32_cuda_graphs", dict(dtype="float32")),
@@ -209,12 +213,13 @@ def check_parity() -> dict:
                     "ok": exact and lp_err < 2e-3,
                 }
                 if label.startswith("bf16"):
-                    # bf16 is "close": it agrees with HF's bf16 run about as well as HF's
-                    # bf16 run agrees with HF's fp32 run.
+                    # Issue 9's criterion: bf16 agrees with HF's bf16 run at least as well as
+                    # HF's bf16 run agrees with HF's fp32 run.
                     row["agreement_with_hf_bf16"] = agreement(ours, hf_bf16)
                     row["hf_bf16_vs_hf_fp32_agreement"] = bf16_noise
-                    row["ok"] = (row["agreement_with_hf_bf16"] >= bf16_noise - 0.1
-                                 and all(o[0] == h[0] for o, h in zip(ours, hf_bf16)))
+                    row["first_token_agreement_with_hf_bf16"] = sum(
+                        o[0] == h[0] for o, h in zip(ours, hf_bf16)) / len(ours)
+                    row["ok"] = row["agreement_with_hf_bf16"] >= bf16_noise
                 results[f"{arch}_{label}"] = row
                 del llm
                 torch.cuda.empty_cache()
@@ -381,7 +386,8 @@ def main() -> None:
     result = {"kernels": check_kernels, "parity": check_parity, "attention": bench_attention,
               "fused": bench_fused, "tp": check_tensor_parallel}[args.part]()
     result["part"], result["seconds"] = args.part, round(time.perf_counter() - start, 1)
-    result["device"] = torch.cuda.get_device_name()
+    result["device"] = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                        else "cpu (a dry run of the script)")
     print(json.dumps(result))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.throughput import (  # noqa: E402
     add_child_args,
+    child_env,
     hf_run_workload,
     make_workload,
     run_as_child,
@@ -111,7 +111,7 @@ def run_child(runner: str, args, workload_path: Path) -> dict:
     if args.async_scheduling is not None:
         cmd.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
     proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+                          env=child_env())
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-5000:])
         raise SystemExit(f"{runner} run failed")

@@ -31,6 +31,9 @@ import httpx
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing
+
+from benchmarks.throughput import child_env  # noqa: E402
 
 # Common English words: each is about one BPE token (with its leading space) in most
 # tokenizers, so N words is roughly N prompt tokens. The exact count comes from usage.
@@ -322,7 +325,7 @@ def pagedserve_process(port: int, serve_args: list[str]) -> tuple[list[str], dic
     """The command and environment that run this checkout's `pagedserve serve` on port."""
     cmd = [sys.executable, "-m", "pagedserve.server.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), *serve_args]
-    return cmd, dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return cmd, child_env()
 
 
 @contextlib.contextmanager

@@ -154,7 +154,9 @@ def _tiny_llama(directory: Path) -> str:
 
 
 def _run(tree: Path, cases, steps: int, model_dir: str, stub_sampler: bool) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    # `tree` first on PYTHONPATH (this script may measure another checkout), then the caller's.
+    path = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=str(tree) + (os.pathsep + path if path else ""))
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", "--cases", json.dumps(cases),
          "--steps", str(steps), "--model-dir", model_dir,

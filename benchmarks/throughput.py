@@ -24,6 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing
 
 
+def child_env(tree: Path = REPO_ROOT) -> dict[str, str]:
+    """The environment for a child process that runs `tree`'s code: the tree first on
+    PYTHONPATH, then whatever the caller had there (packages carried to a GPU machine)."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=str(tree) + (os.pathsep + path if path else ""))
+
+
 def make_workload(num_prompts: int, input_range, output_range, vocab_size: int,
                   seed: int) -> list[dict]:
     """Random token prompts (ids from the ordinary part of the vocabulary) with their own
@@ -190,8 +197,7 @@ def run_child(runner: str, args, workload_path: Path) -> dict:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"{runner} run failed")
