@@ -38,8 +38,19 @@ class ReasoningParser:
         self._buffer = ""
         self._state = _START
         self._reasoning = TrimmedText()
-        self.reasoning = ""
-        self.content = ""
+        # What was read, in pieces: joining only when asked keeps a stream O(its length).
+        self._reasoning_pieces: list[str] = []
+        self._content_pieces: list[str] = []
+
+    @property
+    def reasoning(self) -> str:
+        """All the reasoning read so far."""
+        return "".join(self._reasoning_pieces)
+
+    @property
+    def content(self) -> str:
+        """All the content read so far."""
+        return "".join(self._content_pieces)
 
     def feed(self, text: str) -> tuple[str, str]:
         return self._record(*self._read(text, final=False))
@@ -54,8 +65,10 @@ class ReasoningParser:
         return self.reasoning or None, self.content
 
     def _record(self, reasoning: str, content: str) -> tuple[str, str]:
-        self.reasoning += reasoning
-        self.content += content
+        if reasoning:
+            self._reasoning_pieces.append(reasoning)
+        if content:
+            self._content_pieces.append(content)
         return reasoning, content
 
     def _read(self, text: str, final: bool) -> tuple[str, str]:

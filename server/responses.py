@@ -238,22 +238,43 @@ class _Output:
     the streaming events each step made (SDK event shapes, without sequence numbers)."""
 
     def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
+        self._items: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None  # the item text or arguments go into
         self.calls: dict[int, dict[str, Any]] = {}  # tool-call index -> its item
         self.events: list[dict[str, Any]] = []
+        # Text and arguments come a token at a time: kept in pieces and joined into their
+        # item when it is read, so a long output costs O(its length), not O(length^2).
+        # id(the dict holding the text) -> (that dict, its key, the pieces).
+        self._pieces: dict[int, tuple[dict[str, Any], str, list[str]]] = {}
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """The output items so far, their text whole."""
+        self._settle()
+        return self._items
+
+    def _append(self, holder: dict[str, Any], key: str, text: str) -> None:
+        entry = self._pieces.get(id(holder))
+        if entry is None:
+            entry = self._pieces[id(holder)] = (holder, key, [holder[key]])
+        entry[2].append(text)
+
+    def _settle(self) -> None:
+        for holder, key, pieces in self._pieces.values():
+            holder[key] = "".join(pieces)
+        self._pieces.clear()
 
     def _emit(self, kind: str, **fields: Any) -> None:
         self.events.append({"type": kind, **fields})
 
     def _index(self, item: dict[str, Any]) -> int:
-        return next(i for i, x in enumerate(self.items) if x is item)
+        return next(i for i, x in enumerate(self._items) if x is item)
 
     def _start(self, item: dict[str, Any]) -> dict[str, Any]:
         self.close()
-        self.items.append(item)
+        self._items.append(item)
         self.open = item
-        self._emit("response.output_item.added", output_index=len(self.items) - 1,
+        self._emit("response.output_item.added", output_index=len(self._items) - 1,
                    item=json.loads(json.dumps(item)))
         return item
 
@@ -261,6 +282,7 @@ class _Output:
         item, self.open = self.open, None
         if item is None:
             return
+        self._settle()
         index = self._index(item)
         if item["type"] == "reasoning":
             text = item["content"][0]["text"]
@@ -284,7 +306,7 @@ class _Output:
             item = self._start({"type": "reasoning", "id": _new_id("rs"), "summary": [],
                                 "content": [{"type": "reasoning_text", "text": ""}],
                                 "status": "in_progress"})
-        item["content"][0]["text"] += text
+        self._append(item["content"][0], "text", text)
         self._emit("response.reasoning_text.delta", item_id=item["id"],
                    output_index=self._index(item), content_index=0, delta=text)
 
@@ -297,7 +319,7 @@ class _Output:
             item["content"].append(part)
             self._emit("response.content_part.added", item_id=item["id"],
                        output_index=self._index(item), content_index=0, part=dict(part))
-        item["content"][0]["text"] += text
+        self._append(item["content"][0], "text", text)
         self._emit("response.output_text.delta", item_id=item["id"],
                    output_index=self._index(item), content_index=0, delta=text, logprobs=[])
 
@@ -311,7 +333,7 @@ class _Output:
         arguments = function.get("arguments")
         if arguments:
             item = self.calls[entry["index"]]
-            item["arguments"] += arguments
+            self._append(item, "arguments", arguments)
             self._emit("response.function_call_arguments.delta", item_id=item["id"],
                        output_index=self._index(item), delta=arguments)
 

@@ -47,8 +47,13 @@ class ToolCallStream:
 
     def __init__(self) -> None:
         self.calls: list[ParsedToolCall] = []
-        self.content = ""
+        self._content_pieces: list[str] = []  # joined only when asked: O(length) a stream
         self._finished = False
+
+    @property
+    def content(self) -> str:
+        """All the content (text that is not a call) read so far."""
+        return "".join(self._content_pieces)
 
     def feed(self, text: str) -> StreamDelta:
         return self._record(self._read(text, final=False))
@@ -66,7 +71,8 @@ class ToolCallStream:
         return self.content or None, self.calls
 
     def _record(self, delta: StreamDelta) -> StreamDelta:
-        self.content += delta.content
+        if delta.content:
+            self._content_pieces.append(delta.content)
         return delta
 
     def _read(self, text: str, final: bool) -> StreamDelta:

@@ -1,9 +1,12 @@
 """Streaming is O(new) per chunk: over a 2,000-token stream the server handles engine
-outputs and sends SSE chunks whose sizes do not grow with what was generated before."""
+outputs and sends SSE chunks whose sizes do not grow with what was generated before, and
+the readers that split a chat choice's text (reasoning, tool calls, Responses items) do
+work per chunk that does not grow either."""
 
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import pytest
 
@@ -81,3 +84,53 @@ def test_a_2000_token_stream_costs_the_same_per_chunk_at_its_end(recording_serve
     early, late = sizes[10:210], sizes[-200:]
     assert max(sizes) < 2048
     assert sum(late) < 1.5 * sum(early), (sum(early), sum(late))
+
+
+def _allocation_peaks(feed, pieces: list[str]) -> list[int]:
+    """For each piece: how far feed(piece) raised traced memory above where it began. A
+    reader that re-copies what came before (`self.text += piece`) allocates the whole
+    text again at every piece; one that keeps pieces allocates about the piece."""
+    peaks = []
+    tracemalloc.start()
+    try:
+        for piece in pieces:
+            before, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            feed(piece)
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    return peaks
+
+
+def test_a_chat_choice_readers_work_per_chunk_stays_flat():
+    """2,000 pieces of a reasoning model's streamed reply, through the reasoning parser,
+    Hermes tool reading and the Responses output items: the memory each piece makes the
+    readers allocate at the end is what it was at the start (the text is ~64 KB by then)."""
+    from pagedserve.server.reasoning_parsers import get_reasoning_parser
+    from pagedserve.server.responses import _Output
+    from pagedserve.server.serving import ChoiceReader
+    from pagedserve.server.tool_parsers import get_tool_parser
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    reader = ChoiceReader(get_reasoning_parser("qwen3")(), get_tool_parser("hermes")(tools=tools))
+    output = _Output()
+    words = [f" word{i:04d} of the reply, say" for i in range(NUM_TOKENS)]  # 27-28 chars
+    half = NUM_TOKENS // 2
+    pieces = ["<think>", *words[:half], "</think>\n\n", *words[half:]]
+
+    def feed(piece: str) -> None:
+        output.add(reader.stream(piece, finished=False))
+        output.events.clear()
+
+    peaks = _allocation_peaks(feed, pieces)
+    output.add(reader.stream("", finished=True))
+    output.close()
+    # Everything arrived, in two items: the reasoning, then the answer.
+    reasoning, message = output.items
+    assert reasoning["content"][0]["text"] == "".join(words[:half]).strip()
+    assert message["content"][0]["text"] == "".join(words[half:]).strip()
+    # Late pieces cost what early ones did: 200 pieces of each half, from the 10th on.
+    for start, end in ((1, half + 1), (half + 2, len(pieces))):
+        early, late = peaks[start + 10:start + 210], peaks[end - 200:end]
+        assert sum(late) < 1.5 * sum(early) + 16384, (start, sum(early), sum(late))
