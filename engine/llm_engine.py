@@ -182,6 +182,7 @@ class LLMEngine:
         run("init_input_batch", config.max_num_seqs, self.max_model_len)
         run("capture_cuda_graphs", config.max_num_seqs)
         run("compile_forward", self._token_budget())
+        run("release_load_memory")
         return num_blocks
 
     def _token_budget(self) -> int:

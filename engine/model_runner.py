@@ -6,6 +6,8 @@ wait), so that the engine can launch step N+1 before it collects step N."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -162,6 +164,17 @@ def resolve_kv_cache_dtype(config: EngineConfig, device: torch.device, dtype: to
 
 def _physical_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free memory back to the OS (glibc's malloc_trim). Loading leaves
+    hundreds of MB free but mapped: the fp32 copies a checkpoint passes through on its way
+    to packed or bf16 weights. Elsewhere (musl, macOS) a no-op."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -409,6 +422,11 @@ class ModelRunner:
             logger.warning("Compiling the CPU forward failed, running it eagerly: %s: %s",
                            type(e).__name__, e)
             self.compiled = None
+
+    def release_load_memory(self) -> None:
+        """After start-up on a CPU: what loading and warming up freed goes back to the OS."""
+        if self.device.type == "cpu":
+            _trim_heap()
 
     # ---- one step -------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
