@@ -121,15 +121,42 @@ static auto kernel_for(int64_t head_dim) {
                            : decode_kernel<T, 0, TQ>;
 }
 
+// q [T, H, D] against cache [2, blocks, block_size, Hkv, D]: shapes that fit each other.
+static void check_shapes(const torch::Tensor& q, const torch::Tensor& cache) {
+  TORCH_CHECK(q.dim() == 3 && cache.dim() == 5 && cache.size(0) == 2 && cache.is_contiguous()
+              && cache.device().is_cpu(), "decode: q [T, H, D] and a contiguous CPU cache "
+              "[2, blocks, block_size, Hkv, D], got ", q.sizes(), " and ", cache.sizes());
+  TORCH_CHECK(cache.size(4) == q.size(2) && cache.size(3) > 0 && q.size(1) % cache.size(3) == 0,
+              "decode: q's heads and head size do not fit the cache's: ", q.sizes(), " and ",
+              cache.sizes());
+}
+
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
                       torch::Tensor table, torch::Tensor ctx_lens, torch::Tensor rows,
                       double scale, int64_t window) {
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && cache.is_contiguous()
-              && table.is_contiguous() && ctx_lens.is_contiguous() && rows.is_contiguous());
+  check_shapes(q, cache);
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && table.is_contiguous()
+              && ctx_lens.is_contiguous() && rows.is_contiguous() && out.sizes() == q.sizes());
   TORCH_CHECK(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat);
   TORCH_CHECK(table.scalar_type() == at::kInt && ctx_lens.scalar_type() == at::kInt
               && rows.scalar_type() == at::kLong);
   const int64_t num_seqs = rows.size(0);
+  TORCH_CHECK(table.dim() == 2 && ctx_lens.dim() == 1 && rows.dim() == 1
+              && ctx_lens.size(0) == num_seqs && table.size(0) >= num_seqs,
+              "decode_attention: one block table row and context length a sequence");
+  // Every row, context and block the kernel will read lies inside its tensor.
+  const int64_t width = table.size(1), block_size = cache.size(2), num_blocks = cache.size(1);
+  const int* blocks = table.data_ptr<int>();
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t ctx = ctx_lens.data_ptr<int>()[s], row = rows.data_ptr<int64_t>()[s];
+    TORCH_CHECK(0 <= row && row < q.size(0) && 0 < ctx && ctx <= width * block_size,
+                "decode_attention: sequence ", s, " has row ", row, " and context ", ctx);
+    for (int64_t b = 0; b < (ctx + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(0 <= blocks[s * width + b] && blocks[s * width + b] < num_blocks,
+                  "decode_attention: block ", blocks[s * width + b], " is not in the cache");
+  }
+  // The work holds no Python object: the server's thread runs meanwhile.
+  pybind11::gil_scoped_release no_gil;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "decode", [&] {
     kernel_for<scalar_t>(q.size(2))(
         q.data_ptr<float>(), out.data_ptr<float>(), cache.data_ptr<scalar_t>(),
@@ -145,12 +172,20 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
 // bf16 or fp32 q and int32 slots are read as they are: no conversions, 30-odd calls a step.
 torch::Tensor decode_single(torch::Tensor q, torch::Tensor cache, torch::Tensor slots,
                             double scale) {
-  TORCH_CHECK(cache.is_contiguous() && q.size(0) == 1);
+  check_shapes(q, cache);
+  TORCH_CHECK(q.size(0) == 1 && slots.dim() == 1 && slots.size(0) > 0,
+              "decode_single: one query [1, H, D] and its context's slots, got ", q.sizes(),
+              " and ", slots.sizes());
   const bool native = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat;
   const auto qc = (native ? q : q.to(at::kFloat)).contiguous();
   auto out = torch::empty_like(qc);
   const auto table = (slots.scalar_type() == at::kInt ? slots : slots.to(at::kInt)).contiguous();
   const int ctx = static_cast<int>(slots.size(0));
+  const int64_t num_slots = cache.size(1) * cache.size(2);
+  const int* slot = table.data_ptr<int>();
+  for (int i = 0; i < ctx; ++i)
+    TORCH_CHECK(0 <= slot[i] && slot[i] < num_slots,
+                "decode_single: slot ", slot[i], " is not in the cache");
   const int64_t row = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "single", [&] {
     auto run = [&](auto* typed_q, auto* typed_out) {

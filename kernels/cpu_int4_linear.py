@@ -26,6 +26,8 @@ group order, so each thread streams its row blocks front to back. In a block, 4 
 64 code bytes, byte 4r + c of vector p holding row r's codes for inputs 8p + c (low nibble)
 and 8p + 4 + c (high nibble), then the 16 rows' d, then their m.
 
+A group holding NaN or inf makes its row's outputs NaN (int8 rounding has no such value).
+
 Built with the other CPU kernels (cpu_extension.py); `available()` is False where they
 could not be built or the CPU lacks AVX512-VNNI: callers then take torch's int4 kernel."""
 
@@ -72,10 +74,18 @@ static void quantize_activations(const T* x, int64_t M, int64_t K, bool residual
     for (int64_t g = 0; g < G; ++g) {
       const int64_t at = m * K + g * kGroup;
       float amax = 0.f;
+      bool finite = true;
       float xg[kGroup];
       for (int64_t i = 0; i < kGroup; ++i) {
         xg[i] = static_cast<float>(x[at + i]);
         amax = std::max(amax, std::fabs(xg[i]));
+        finite &= std::isfinite(xg[i]);
+      }
+      if (!finite) {  // NaN out for the row, as a float GEMM gives (not int8 garbage)
+        std::fill(xq + at, xq + at + kGroup, 0);
+        std::fill(xr + at, xr + at + kGroup, 0);
+        dx[m * G + g] = sx[m * G + g] = NAN;
+        continue;
       }
       const float inverse = amax > 0.f ? 127.f / amax : 0.f;
       int sum = 0;
@@ -171,11 +181,15 @@ static void dispatch(std::integer_sequence<int, MB...>, int64_t rows, bool resid
 // another dtype is read as float32). Up to kExactRows rows the activations go in with their
 // residuals; beyond, where the kernel is compute-bound, without (twice the speed).
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
+  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be [M, K], got ", x.sizes());
   const auto xf = (x.scalar_type() == at::kBFloat16 ? x : x.to(at::kFloat)).contiguous();
   const int64_t M = xf.size(0), K = xf.size(1), G = K / int4::kGroup;
   TORCH_CHECK(K % int4::kGroup == 0 && N % int4::kRows == 0 && packed.is_contiguous()
-              && packed.numel() == N / int4::kRows * G * int4::kBlockBytes,
-              "int4_linear: a [", N, ", ", K, "] weight does not match its packing");
+              && packed.scalar_type() == at::kByte && packed.dim() == 3
+              && packed.size(0) == N / int4::kRows && packed.size(1) == G
+              && packed.size(2) == int4::kBlockBytes,
+              "int4_linear: a [", N, ", ", K, "] weight does not match its packing ",
+              packed.sizes());
   auto out = torch::empty({M, N}, xf.options());
   std::vector<int8_t> xq(M * K), xr(M * K);
   std::vector<float> dx(M * G), sx(M * G);

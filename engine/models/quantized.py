@@ -142,8 +142,9 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = k, n
         self.scheme = "int4" if isinstance(weight, Int4Weight) else "int8"
         # int4 on our VNNI kernel where it is built (its fp16 scales and mins are inside
-        # `packed`), else on torch's (bf16 scales and zeros).
-        self.vnni = self.scheme == "int4" and cpu_int4_linear.available()
+        # `packed`) and fp16 carries them, else on torch's (bf16 scales and zeros).
+        self.vnni = (self.scheme == "int4" and cpu_int4_linear.available()
+                     and _fp16_carries(weight.scales, weight.zeros - 8 * weight.scales))
         # Beyond this many rows, the dense copy (if kept) serves.
         self.max_packed_rows = VNNI_MAX_ROWS if self.vnni else PACKED_MAX_ROWS
         if self.scheme == "int4" and n % 16:
@@ -253,6 +254,16 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).float()
+
+
+def _fp16_carries(scales: torch.Tensor, mins: torch.Tensor) -> bool:
+    """Whether fp16 holds these group scales and minimums as closely as its 11 bits do
+    (GGUF's own fp16 values exactly): not where weights are so small that a scale is
+    subnormal there, or so large that one overflows."""
+    scale_err = (_fp16(scales) - scales).abs()
+    min_err = (_fp16(mins) - mins).abs()
+    return bool((scale_err <= scales.abs() * 2 ** -11).all()
+                and (min_err <= (mins.abs() + scales.abs()) * 2 ** -11).all())
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,

@@ -170,6 +170,49 @@ def test_vnni_int4_kernel_matches_the_dequantized_weight(rows):
         cpu_int4_linear.int4_linear(x, packed, 32)
 
 
+@pytest.mark.parametrize("rows", [2, 40])
+def test_vnni_int4_kernel_gives_nan_for_a_row_with_nan_or_inf(rows):
+    """int8 rounding has no NaN: a group holding one comes out as its row's NaN outputs
+    (a float GEMM's answer), not as large finite garbage; other rows are untouched."""
+    skip_without_vnni()
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (16, 64), generator=gen, dtype=torch.uint8)
+    packed = cpu_int4_linear.pack(codes, torch.full((16, 2), 0.01), torch.zeros(16, 2))
+    x = torch.randn(rows, 64, generator=gen)
+    clean = cpu_int4_linear.int4_linear(x, packed, 16)
+    x[0, 3], x[1, 40] = float("nan"), float("inf")
+    out = cpu_int4_linear.int4_linear(x, packed, 16)
+    assert out[:2].isnan().all()
+    assert torch.equal(out[2:], clean[2:])
+
+
+def test_vnni_int4_kernel_refuses_what_does_not_fit_its_packing():
+    """A weight packed for [16, 64] cannot be called with other inputs, even where the byte
+    counts agree; x must be [M, K]."""
+    skip_without_vnni()
+    codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    packed = cpu_int4_linear.pack(codes, torch.rand(32, 2), torch.zeros(32, 2))
+    with pytest.raises(RuntimeError, match="does not match its packing"):
+        cpu_int4_linear.int4_linear(torch.randn(2, 128), packed, 16)  # same bytes, not K
+    with pytest.raises(RuntimeError, match=r"must be \[M, K\]"):
+        cpu_int4_linear.int4_linear(torch.randn(2, 2, 64), packed, 32)
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e5])
+def test_scales_fp16_cannot_carry_take_torchs_int4_kernel(scale, monkeypatch):
+    """Our kernel keeps d and m in fp16; a checkpoint quantized at load whose weights are
+    so small that d is subnormal there, or so large that m overflows, goes to torch's
+    kernel (bf16 scales), which carries it as closely as usual."""
+    skip_without_vnni()
+    weight = torch.randn(16, 64) * scale
+    layer = QuantizedLinear(quantize_int4(weight), None, dense=False)
+    assert not layer.vnni
+    x = torch.randn(3, 64)
+    exact = x @ kernel_view(weight, vnni=False).dequantize().t()
+    torch.testing.assert_close(layer(x), exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
+    assert QuantizedLinear(quantize_int4(torch.randn(16, 64) * 0.02), None, dense=False).vnni
+
+
 def test_without_native_bf16_the_dense_copy_is_fp32():
     """A CPU without AVX512-BF16 emulates bf16 GEMMs (4-6x slower than fp32 on AVX2): the
     copy for many rows is the kernels' weight in fp32, and the head's big batches take the

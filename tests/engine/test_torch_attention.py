@@ -169,3 +169,84 @@ def test_cpu_kernels_that_cannot_build_leave_torchs_ops(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert cpu_extension.module.__wrapped__() is None  # the uncached build
     assert "using torch's ops" in caplog.text and "no C++ compiler here" in caplog.text
+
+
+def _decode_inputs(num_heads=4, num_kv_heads=2, head_dim=16, ctx=40):
+    """One sequence's decode: q [1, H, D], a bf16 cache of 20 blocks of 4, its block table
+    row, context length and output row."""
+    cache = torch.randn(2, 20, 4, num_kv_heads, head_dim).bfloat16()
+    table = torch.arange(19, 19 - (ctx + 3) // 4, -1, dtype=torch.int32)[None]
+    return (torch.randn(1, num_heads, head_dim), cache, table,
+            torch.tensor([ctx], dtype=torch.int32), torch.zeros(1, dtype=torch.int64))
+
+
+def test_cpu_decode_kernels_refuse_what_would_read_outside_their_tensors():
+    """Every row, block and slot the kernels would read is checked first: a bad call is a
+    RuntimeError, not a read past the cache (or uninitialised output)."""
+    assert cpu_decode_attention.available(), "the CPU decode kernel did not build"
+    q, cache, table, ctx, rows = _decode_inputs()
+    out = torch.empty_like(q)
+
+    def batched(q=q, cache=cache, table=table, ctx=ctx, rows=rows):
+        cpu_decode_attention.decode_attention(torch.empty_like(q), q, cache, table, ctx, rows,
+                                              0.25, None)
+
+    batched()  # the good call
+    for bad, match in [
+        (dict(q=torch.randn(1, 4, 32)), "do not fit"),  # head size 32 over a 16 cache
+        (dict(q=torch.randn(1, 5, 16)), "do not fit"),  # 5 heads over 2 KV heads
+        (dict(cache=cache[0]), r"\[2, blocks"),  # a 4-D view
+        (dict(ctx=torch.tensor([0], dtype=torch.int32)), "context 0"),
+        (dict(ctx=torch.tensor([41], dtype=torch.int32)), "context 41"),  # past its table
+        (dict(rows=torch.tensor([1])), "row 1"),
+        (dict(table=table.clone().fill_(20)), "block 20"),
+        (dict(table=table.clone().fill_(-1)), "block -1"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            batched(**bad)
+    single = torch.ops.pagedserve_cpu.decode_single
+    slots = torch.arange(40, dtype=torch.int32)
+    torch.testing.assert_close(single(q, cache, slots, 0.25), single(q, cache, slots, 0.25))
+    for bad_slots, match in [(torch.tensor([80], dtype=torch.int32), "slot 80"),
+                             (torch.tensor([-1], dtype=torch.int32), "slot -1"),
+                             (torch.tensor([], dtype=torch.int32), "slots")]:
+        with pytest.raises(RuntimeError, match=match):
+            single(q, cache, bad_slots, 0.25)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        single(torch.randn(1, 4, 32), cache, slots, 0.25)
+    assert out.shape == q.shape
+
+
+def test_cpu_decode_kernel_lets_other_python_threads_run():
+    """The batched decode kernel runs without the GIL: the server's event loop shares the
+    process with the engine's thread, which calls it once a layer a step. With forced
+    switches off, another thread can run during the call only if the call lets the GIL go."""
+    import sys
+    import threading
+
+    assert cpu_decode_attention.available(), "the CPU decode kernel did not build"
+    cache = torch.randn(2, 64 * 500, 4, 4, 64).bfloat16()
+    table = torch.arange(64 * 500, dtype=torch.int32).view(64, 500)
+    q = torch.randn(64, 8, 64)
+    lens = torch.full((64,), 2000, dtype=torch.int32)
+    out, rows = torch.empty_like(q), torch.arange(64)  # (torch's own ops let the GIL go)
+    go, done, ran = threading.Event(), threading.Event(), []
+
+    def other():
+        go.wait()
+        ran.append(True)
+        done.wait()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100)
+    try:
+        go.set()
+        cpu_decode_attention.decode_attention(out, q, cache, table, lens, rows, 0.125, None)
+        ran_during_the_call = bool(ran)
+    finally:
+        sys.setswitchinterval(interval)
+        done.set()
+        thread.join()
+    assert ran_during_the_call
