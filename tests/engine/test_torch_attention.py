@@ -250,3 +250,36 @@ def test_cpu_decode_kernel_lets_other_python_threads_run():
         done.set()
         thread.join()
     assert ran_during_the_call
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_decode_kernels_at_the_head_sizes_they_specialise(head_dim, cache_dtype):
+    """Head sizes 64 and 128 compile to their own loops (48: the general one); both ops, GQA
+    8 over 2, against the reference, with contexts of 1 token to a few blocks; decode_single
+    also with a bf16 query (its output then bf16)."""
+    assert cpu_decode_attention.available(), "the CPU decode kernel did not build"
+    gen = torch.Generator().manual_seed(head_dim)
+    block_size, num_blocks, heads, kv_heads = 16, 24, 8, 2
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    cache = cache.to(cache_dtype)
+    lens = [1, 17, 100]
+    table = torch.randperm(num_blocks, generator=gen, dtype=torch.int32)[:21].view(3, 7)
+    q = torch.randn(3, heads, head_dim, generator=gen)
+    out = torch.empty_like(q)
+    ctx_lens = torch.tensor(lens, dtype=torch.int32)
+    cpu_decode_attention.decode_attention(out, q, cache, table, ctx_lens, torch.arange(3), 0.1,
+                                          None)
+    for s, n in enumerate(lens):
+        slots = torch.stack([table[s, t // block_size] * block_size + t % block_size
+                             for t in range(n)]).int()
+        flat = cache.float().view(2, -1, kv_heads, head_dim)
+        expected = reference(q[s], flat[0, slots.long()], flat[1, slots.long()], 0.1)
+        torch.testing.assert_close(out[s], expected, rtol=1e-4, atol=1e-4)
+        single = torch.ops.pagedserve_cpu.decode_single(q[s:s + 1], cache, slots, 0.1)
+        torch.testing.assert_close(single[0], expected, rtol=1e-4, atol=1e-4)
+        half = torch.ops.pagedserve_cpu.decode_single(q[s:s + 1].bfloat16(), cache, slots, 0.1)
+        assert half.dtype == torch.bfloat16
+        expected_half = reference(q[s].bfloat16().float(), flat[0, slots.long()],
+                                  flat[1, slots.long()], 0.1)
+        torch.testing.assert_close(half[0].float(), expected_half, rtol=2 ** -7, atol=2 ** -7)
