@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)  # per-part JSON files; $OUT gets only the four files above
 PARTS=${PARTS:-"env parity e2e_qwen3 e2e_llama kernels attention e2e_qwen3_sync pytest tp fused"}
 BUDGET_S=${BUDGET_S:-470}
-PY=${PYTHON:-python3}  # the GPU image's python3 is the one with torch
+PY=${DEVICE_CHECK_PYTHON:-python3}  # the GPU image's python3 is the one with torch
 # pytest may be missing from the GPU image: benchmarks/device_check.sh's caller can carry a
 # `pip install --target .gpu_deps pytest pluggy iniconfig`.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

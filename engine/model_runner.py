@@ -189,8 +189,10 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: calloc's lazy zeros
         return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+    try:
         buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    except (AttributeError, OSError):  # not Linux, or a kernel built without huge pages
+        pass
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 

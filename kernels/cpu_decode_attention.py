@@ -7,11 +7,11 @@ has a high fixed cost per (sequence, head) at one query row. Batched decode spen
 its step in attention on a CPU, so this is the kernel that sets batched decode speed there.
 
 Work is split over (sequence, KV head) pairs on torch's own thread pool. With AVX-512 and a
-head size that is a multiple of 16, each pair's scores take 16 keys at a time (their dot
-products summed across lanes together), the softmax a vector exp, and the weighted values
-a few queries' sums at a time in registers: 2-3x the plain loops (whose scalar libm exp was
-most of their time), near the memory's bandwidth at batch decode. Elsewhere the plain
-loops serve.
+head size of 64 or 128 (the sizes it is compiled for), each pair's scores take 16 keys at
+a time (their dot products summed across lanes together), the softmax a vector exp, and
+the weighted values a few queries' sums at a time in registers: 2-3x the plain loops
+(whose scalar libm exp was most of their time), near the memory's bandwidth at batch
+decode. Elsewhere the plain loops serve.
 
 Built with the other CPU kernels (cpu_extension.py); `available()` is False where they
 could not be built: callers then take the torch path."""
@@ -117,7 +117,7 @@ static void scores16(const float* qf, int64_t group, const T* keys, const int64_
 // Cephes polynomial of x - n ln 2 (ln 2 in two parts), times 2^n. The libm call it
 // replaces is scalar: it was most of the kernel's time.
 static inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-88.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-88.f), x);  // (a NaN x stays NaN: max returns it)
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -296,8 +296,9 @@ static auto kernel_for(int64_t head_dim) {
 // q [T, H, D] against cache [2, blocks, block_size, Hkv, D]: shapes that fit each other.
 static void check_shapes(const torch::Tensor& q, const torch::Tensor& cache) {
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 5 && cache.size(0) == 2 && cache.is_contiguous()
-              && cache.device().is_cpu(), "decode: q [T, H, D] and a contiguous CPU cache "
-              "[2, blocks, block_size, Hkv, D], got ", q.sizes(), " and ", cache.sizes());
+              && cache.device().is_cpu() && q.device().is_cpu(), "decode: q [T, H, D] and a "
+              "contiguous cache [2, blocks, block_size, Hkv, D] on the CPU, got ", q.sizes(),
+              " and ", cache.sizes());
   TORCH_CHECK(cache.size(4) == q.size(2) && cache.size(3) > 0 && q.size(1) % cache.size(3) == 0,
               "decode: q's heads and head size do not fit the cache's: ", q.sizes(), " and ",
               cache.sizes());
@@ -309,6 +310,8 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
   check_shapes(q, cache);
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && table.is_contiguous()
               && ctx_lens.is_contiguous() && rows.is_contiguous() && out.sizes() == q.sizes());
+  TORCH_CHECK(out.device().is_cpu() && table.device().is_cpu() && ctx_lens.device().is_cpu()
+              && rows.device().is_cpu(), "decode_attention: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat);
   TORCH_CHECK(table.scalar_type() == at::kInt && ctx_lens.scalar_type() == at::kInt
               && rows.scalar_type() == at::kLong);
@@ -345,7 +348,8 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
 torch::Tensor decode_single(torch::Tensor q, torch::Tensor cache, torch::Tensor slots,
                             double scale) {
   check_shapes(q, cache);
-  TORCH_CHECK(q.size(0) == 1 && slots.dim() == 1 && slots.size(0) > 0,
+  TORCH_CHECK(q.size(0) == 1 && slots.dim() == 1 && slots.size(0) > 0
+              && slots.device().is_cpu(),
               "decode_single: one query [1, H, D] and its context's slots, got ", q.sizes(),
               " and ", slots.sizes());
   const bool native = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat;

@@ -211,6 +211,10 @@ def test_scales_fp16_cannot_carry_take_torchs_int4_kernel(scale, monkeypatch):
     exact = x @ kernel_view(weight, vnni=False).dequantize().t()
     torch.testing.assert_close(layer(x), exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
     assert QuantizedLinear(quantize_int4(torch.randn(16, 64) * 0.02), None, dense=False).vnni
+    # One group far smaller than the rest (a subnormal scale in fp16) keeps the kernel.
+    mixed = torch.randn(16, 64) * 0.02
+    mixed[3, :32] *= 1e-4
+    assert QuantizedLinear(quantize_int4(mixed), None, dense=False).vnni
 
 
 def test_without_native_bf16_the_dense_copy_is_fp32():

@@ -243,7 +243,12 @@ def test_cpu_decode_kernel_lets_other_python_threads_run():
     sys.setswitchinterval(100)
     try:
         go.set()
-        cpu_decode_attention.decode_attention(out, q, cache, table, lens, rows, 0.125, None)
+        # A busy host may not wake the thread within one call: a few more (holding the GIL,
+        # no number of calls would let it run).
+        for _ in range(40):
+            cpu_decode_attention.decode_attention(out, q, cache, table, lens, rows, 0.125, None)
+            if ran:
+                break
         ran_during_the_call = bool(ran)
     finally:
         sys.setswitchinterval(interval)
@@ -283,3 +288,24 @@ def test_cpu_decode_kernels_at_the_head_sizes_they_specialise(head_dim, cache_dt
         expected_half = reference(q[s].bfloat16().float(), flat[0, slots.long()],
                                   flat[1, slots.long()], 0.1)
         torch.testing.assert_close(half[0].float(), expected_half, rtol=2 ** -7, atol=2 ** -7)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+def test_cpu_decode_kernels_keep_nan(head_dim):
+    """A NaN in a query or a key makes that query's output NaN, as in SDPA, in the vector
+    path (64, 128) as in the plain loops (48): not a finite answer from a broken model."""
+    assert cpu_decode_attention.available(), "the CPU decode kernel did not build"
+    cache = torch.randn(2, 4, 16, 2, head_dim)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
+    lens = torch.tensor([20, 30], dtype=torch.int32)
+    q = torch.randn(2, 4, head_dim)
+    q[0, 1, 5] = float("nan")  # sequence 0, head 1 (KV head 0)
+    cache[0, 2, 3, 1, 7] = float("nan")  # a key of sequence 1's KV head 1 (its heads 2, 3)
+    out = torch.empty_like(q)
+    cpu_decode_attention.decode_attention(out, q, cache, table, lens, torch.arange(2), 0.1,
+                                          None)
+    assert out[0, 1].isnan().all() and out[1, 2:].isnan().all()
+    assert not out[0, [0, 2, 3]].isnan().any() and not out[1, :2].isnan().any()
+    slots = torch.arange(32, 32 + 30, dtype=torch.int32)
+    single = torch.ops.pagedserve_cpu.decode_single(q[1:], cache, slots, 0.1)
+    assert single[0, 2:].isnan().all() and not single[0, :2].isnan().any()
