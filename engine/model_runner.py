@@ -184,7 +184,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     # An anonymous mapping: the kernel hands out zero pages lazily, so a 4 GiB cache costs
     # nothing until used (torch.zeros would touch every page: ~10 s at start). In 4 KB pages:
     # numpy's zeros ask for huge ones, whose first touch (zeroing 2 MB, compacting memory to
-    # find it) cost ~4.6 ms a MB here against ~0.5, seconds of a benchmark's KV writes.
+    # find it) cost ~4.6 ms a MB here, against ~0.5 for small pages: seconds of KV writes.
     nbytes = math.prod(shape) * dtype.itemsize
     if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: calloc's lazy zeros
         return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
