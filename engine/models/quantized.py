@@ -143,14 +143,15 @@ class QuantizedLinear(nn.Module):
         self.scheme = "int4" if isinstance(weight, Int4Weight) else "int8"
         # int4 on our VNNI kernel where it is built (its fp16 scales and mins are inside
         # `packed`) and fp16 carries them, else on torch's (bf16 scales and zeros).
-        self.vnni = (self.scheme == "int4" and cpu_int4_linear.available()
-                     and _fp16_carries(weight.scales, weight.zeros - 8 * weight.scales))
+        in_fp16 = (_in_fp16(weight.scales, weight.zeros - 8 * weight.scales)
+                   if self.scheme == "int4" and cpu_int4_linear.available() else None)
+        self.vnni = in_fp16 is not None
         # Beyond this many rows, the dense copy (if kept) serves.
         self.max_packed_rows = VNNI_MAX_ROWS if self.vnni else PACKED_MAX_ROWS
         if self.scheme == "int4" and n % 16:
             raise ValueError(f"int4 needs out_features divisible by 16, got {n}")
-        if self.vnni:
-            scales, mins = _fp16(weight.scales), _fp16(weight.zeros - 8 * weight.scales)
+        if in_fp16 is not None:
+            scales, mins = in_fp16
             self.register_buffer("packed", cpu_int4_linear.pack(weight.codes, scales, mins))
             weight = Int4Weight(weight.codes, scales, mins + 8 * scales)
             self.register_buffer("scales_zeros", None)
@@ -256,16 +257,21 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).float()
 
 
-def _fp16_carries(scales: torch.Tensor, mins: torch.Tensor) -> bool:
-    """Whether fp16 holds a layer's group scales and minimums about as closely as its 11
-    bits do (GGUF's own fp16 values exactly): not where the layer's weights are so small
-    that its scales are subnormal there, or so large that one overflows. A group far
-    smaller than the layer's largest may round coarser: its weights add little."""
-    def close(t: torch.Tensor, size: torch.Tensor) -> bool:
-        err = (_fp16(t) - t).abs()
-        return bool((err <= size * 2 ** -11 + size.amax() * 2 ** -16).all())
+def _in_fp16(scales: torch.Tensor, mins: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A layer's group scales and minimums rounded to fp16, or None where fp16 does not
+    hold them about as closely as its 11 bits do (GGUF's own fp16 values it holds exactly):
+    where the layer's weights are so small that its scales are subnormal there, or so large
+    that one overflows. A group far smaller than the layer's largest may round coarser:
+    its weights add little."""
+    def rounded(t: torch.Tensor, size: torch.Tensor) -> torch.Tensor | None:
+        t16 = _fp16(t)
+        close = ((t16 - t).abs() <= size * 2 ** -11 + size.amax() * 2 ** -16).all()
+        return t16 if close else None
 
-    return close(scales, scales.abs()) and close(mins, mins.abs() + scales.abs())
+    scales16 = rounded(scales, scales.abs())
+    mins16 = rounded(mins, mins.abs() + scales.abs())
+    return None if scales16 is None or mins16 is None else (scales16, mins16)
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,
